@@ -1,0 +1,1 @@
+"""Corpora -> token contexts, and the activation Store (sharded, memory-mapped, atomic, resumable)."""
