@@ -1,0 +1,260 @@
+"""`mri dict train` and `mri dict eval`: fit dictionaries from a store or a model, and measure them."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mri.errors import MriError
+
+dict_app = typer.Typer(
+    help="Train and evaluate sparse dictionaries (SAEs, transcoders, CLTs).", no_args_is_help=True
+)
+
+
+def site_pairs(sites: list[str], kind: str) -> list[tuple[str, str]]:
+    """(input, output) site pairs from --site values: 'S' for an SAE; 'IN:OUT' or an mlp_in site (whose
+    output is the same layer's mlp_out) for transcoders and CLTs."""
+    pairs = []
+    for raw in sites:
+        for s in raw.replace(",", " ").split():
+            if kind == "sae":
+                if ":" in s:
+                    raise MriError(f"an SAE reads and writes one site; got {s!r} (use --kind transcoder)")
+                pairs.append((s, s))
+            elif ":" in s:
+                a, b = s.split(":", 1)
+                pairs.append((a, b))
+            elif s.endswith("mlp_in"):
+                pairs.append((s, s[: -len("mlp_in")] + "mlp_out"))
+            else:
+                raise MriError(f"a {kind} needs IN:OUT sites (e.g. L1.mlp_in:L1.mlp_out); got {s!r}")
+    if not pairs:
+        raise MriError("give at least one --site")
+    return pairs
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _store_batches(store: Any, sites: list[str], batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless shuffled passes over the store, a new seed each epoch (replayable for resume)."""
+    epoch = 0
+    while True:
+        yield from store.batches(sites, batch_size, shuffle=True, seed=seed + epoch, drop_last=True)
+        epoch += 1
+
+
+def train(
+    sites: Annotated[list[str], typer.Option("--site", help="Site to train on; repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (one dictionary) or parent (several).")],
+    store: Annotated[Path | None, typer.Option("--store", help="Activation store from `mri record`.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model to stream activations from.")] = None,
+    corpus: Annotated[Path | None, typer.Option("--corpus", help="Corpus for --model (default: the shipped sample).")] = None,
+    arch: Annotated[str, typer.Option("--arch", help="topk | batchtopk | jumprelu | relu.")] = "topk",
+    kind: Annotated[str, typer.Option("--kind", help="sae | transcoder | clt.")] = "sae",
+    latents: Annotated[
+        int, typer.Option("--latents", help="Latents per dictionary (per layer for a CLT).")
+    ] = 4096,
+    k: Annotated[int, typer.Option("--k", help="Active latents per token (topk, batchtopk).")] = 32,
+    tokens: Annotated[int, typer.Option("--tokens", help="Training tokens.")] = 2_000_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per step.")] = 4096,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Learning rate (default: scaled by latents).")
+    ] = None,
+    sparsity_coef: Annotated[
+        float | None, typer.Option("--sparsity-coef", help="L1 (relu) / L0 (jumprelu) coefficient.")
+    ] = None,
+    skip: Annotated[
+        bool, typer.Option("--skip/--no-skip", help="Transcoders: linear skip connection.")
+    ] = False,
+    b_dec_init: Annotated[str, typer.Option("--b-dec-init", help="median | mean | zero.")] = "median",
+    autocast: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast compute (GPU).")] = False,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context length when streaming from --model.")] = 128,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")
+    ] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, ...")] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--quiet")] = True,
+) -> None:
+    """Train sparse dictionaries at SITES, from an activation store or streamed from a model."""
+    from mri.dictionaries import DictConfig, TrainConfig, Trainer, build, save
+
+    if (store is None) == (model is None):
+        raise MriError("give either --store DIR or --model M with --corpus C")
+    if model is not None and corpus is None:
+        from mri.demo import sample_corpus
+
+        corpus = sample_corpus()
+    dev = _device(device)
+    pairs = site_pairs(sites, kind)
+    if store is not None:
+        from mri.data.reader import ActivationStore
+
+        src = ActivationStore(store)
+        pairs = [(src.site(a), src.site(b)) for a, b in pairs]
+        width = src.d
+        fingerprint = src.model_fingerprint
+    else:
+        import mri
+
+        m = mri.load(model, device=dev)
+        pairs = [(m.resolve_site(a), m.resolve_site(b)) for a, b in pairs]
+        width = m.site_dim
+        fingerprint = m.fingerprint()
+    groups = [pairs] if kind == "clt" else [[p] for p in pairs]
+    cfgs = []
+    for group in groups:
+        d_in, d_out = {width(a) for a, _ in group}, {width(b) for _, b in group}
+        if len(d_in) != 1 or len(d_out) != 1:
+            raise MriError(f"the sites of one CLT must share widths; got inputs {d_in}, outputs {d_out}")
+        cfgs.append(
+            DictConfig(
+                kind=kind,
+                arch=arch,
+                d_in=d_in.pop(),
+                d_out=d_out.pop(),
+                n_latents=latents,
+                k=k,
+                sites_in=[a for a, _ in group],
+                sites_out=[b for _, b in group],
+                skip=skip,
+                model_fingerprint=fingerprint,
+            )
+        )
+    tcfg = TrainConfig(
+        tokens=tokens,
+        batch_size=batch_size,
+        lr=lr,
+        sparsity_coef=sparsity_coef,
+        b_dec_init=b_dec_init,
+        autocast=autocast,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    ckpt = out.with_name(out.name + ".ckpt")
+    if resume and ckpt.is_dir():
+        trainer = Trainer.resume(ckpt, device=dev)
+        if [d.cfg for d in trainer.dicts] != cfgs:
+            raise MriError(
+                f"{ckpt} holds other dictionaries than these options ask for; delete it or drop --resume"
+            )
+    else:
+        trainer = Trainer([build(c, seed=seed + i) for i, c in enumerate(cfgs)], tcfg, device=dev)
+    all_sites = trainer.sites
+    if store is not None:
+        batches = _store_batches(src, all_sites, batch_size, seed)
+    else:
+        from mri.data.reader import stream_from_model
+
+        batches = stream_from_model(
+            m,
+            corpus,
+            all_sites,
+            batch_size,
+            buffer_tokens=max(8 * batch_size, 1 << 16),
+            ctx_len=ctx,
+            seed=seed,
+            drop_last=True,
+        )
+    trainer.fit(batches, progress=progress, checkpoint=ckpt if checkpoint_every else None)
+    command = "mri " + shlex.join(sys.argv[1:])
+    finished = trainer.finished()
+    for d, metrics in zip(finished, trainer.metrics, strict=True):
+        folder = out if len(finished) == 1 else out / d.cfg.sites_in[0]
+        save(
+            d,
+            folder,
+            provenance={
+                "training_tokens": trainer.step * batch_size,
+                "train_config": trainer.cfg.to_dict(),
+                "source": str(store) if store is not None else f"{model} on {corpus}",
+                "command": command,
+                "final_train_metrics": metrics,
+            },
+        )
+        typer.echo(f"dictionary written: {folder}  (fvu {metrics['fvu']:.3f}, l0 {metrics['l0']:.1f})")
+    discard_checkpoint(ckpt)
+
+
+def discard_checkpoint(folder: Path) -> None:
+    """Remove a finished run's checkpoint."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def evaluate(
+    dictionary: Annotated[Path, typer.Argument(help="Dictionary folder (ours or SAELens).")],
+    model: Annotated[str | None, typer.Option("--model", help="Model to splice the dictionary into.")] = None,
+    corpus: Annotated[Path | None, typer.Option("--corpus", help="Corpus for --model (default: the shipped sample).")] = None,
+    store: Annotated[
+        Path | None, typer.Option("--store", help="Store for reconstruction metrics only.")
+    ] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens to evaluate on.")] = 65_536,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context length (with --model).")] = 128,
+    batch: Annotated[int, typer.Option("--batch", help="Contexts per forward pass (with --model).")] = 8,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where metrics.json goes (default: DICTIONARY).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """Measure a dictionary: FVU, L0, dead/dense latents, and CE loss recovered / KL when spliced in."""
+    import json
+
+    from mri.dictionaries import load
+    from mri.dictionaries.metrics import evaluate_on_batches, evaluate_on_model, write_report
+
+    if (store is None) == (model is None):
+        raise MriError("give either --model M with --corpus C, or --store DIR")
+    dev = _device(device)
+    d = load(dictionary, device=dev)
+    cfg = d.cfg
+    if model is not None:
+        if corpus is None:
+            from mri.demo import sample_corpus
+
+            corpus = sample_corpus()
+        import mri
+        from mri.data.corpus import iter_documents, tokenize_contexts
+
+        m = mri.load(model, device=dev)
+        for s in [*cfg.sites_in, *cfg.sites_out]:
+            m.resolve_site(s)
+        if cfg.model_fingerprint and cfg.model_fingerprint != m.fingerprint():
+            typer.echo(f"warning: {dictionary} was trained on another model (fingerprint differs)", err=True)
+        n_ctx = max(1, tokens // ctx)
+        contexts = tokenize_contexts(iter_documents(corpus), m.tokenizer, ctx, max_contexts=n_ctx)
+        import torch
+
+        ids = torch.from_numpy(contexts.tokens.astype("int64"))
+        metrics, density = evaluate_on_model(d, m, ids, batch_size=batch)
+        metrics["source"] = f"{model} on {corpus}"
+    else:
+        from mri.data.reader import ActivationStore
+
+        src = ActivationStore(store)
+        sites = list(dict.fromkeys([*cfg.sites_in, *cfg.sites_out]))
+        for s in sites:
+            src.site(s)
+        batches = src.batches(sites, 4096, shuffle=False)
+        metrics, density = evaluate_on_batches(d, batches, max_tokens=tokens)
+        metrics["source"] = str(store)
+    path = write_report(metrics, density, out or dictionary)
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=1))
+    typer.echo(f"metrics written: {path}")
+
+
+dict_app.command("train")(train)
+dict_app.command("eval")(evaluate)

@@ -1,0 +1,155 @@
+"""Configuration of a dictionary (what it is) and of its training (how it is fitted), one dataclass each."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from mri.errors import MriError
+
+ARCHS = ("topk", "batchtopk", "jumprelu", "relu")
+"""Activation functions: TopK per token, BatchTopK over the batch, JumpReLU, ReLU with an L1 penalty."""
+KINDS = ("sae", "transcoder", "clt")
+"""SAE: a site to itself. Transcoder: an input site to an output site. CLT: one encoder per layer, decoders
+from layer l to every layer >= l."""
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DictConfig:
+    """The shape and activation function of one dictionary; saved as `config.json` beside its weights."""
+
+    kind: str
+    """sae | transcoder | clt."""
+    arch: str
+    """topk | batchtopk | jumprelu | relu."""
+    d_in: int
+    """Width of each input site."""
+    n_latents: int
+    """Latents (per layer for a CLT)."""
+    sites_in: list[str]
+    """Input site(s): one for an SAE or transcoder, one per layer for a CLT."""
+    sites_out: list[str]
+    """Output site(s), aligned with `sites_in` (an SAE's equal its inputs)."""
+    d_out: int | None = None
+    """Width of each output site (default d_in)."""
+    k: int = 32
+    """Active latents per token for topk, and on average for batchtopk (per layer for a CLT)."""
+    skip: bool = False
+    """Transcoder only: add a learned linear skip connection x @ W_skip."""
+    jumprelu_bandwidth: float = 0.05
+    """Width of the rectangle kernel of JumpReLU's straight-through threshold gradient."""
+    jumprelu_init_threshold: float = 0.1
+    """JumpReLU's initial threshold, in normalised input units."""
+    model_fingerprint: str | None = None
+    """sha256 prefix of the model the dictionary was trained on, when known."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise MriError(f"unknown dictionary kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.arch not in ARCHS:
+            raise MriError(f"unknown architecture {self.arch!r}; use one of {', '.join(ARCHS)}")
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if min(self.d_in, self.d_out, self.n_latents) <= 0:
+            raise MriError("d_in, d_out and n_latents must be positive")
+        if self.arch in ("topk", "batchtopk") and not 0 < self.k <= self.n_latents:
+            raise MriError(f"k must be between 1 and n_latents ({self.n_latents}), got {self.k}")
+        if len(self.sites_in) != len(self.sites_out) or not self.sites_in:
+            raise MriError("give one output site per input site")
+        if self.kind == "sae" and self.sites_in != self.sites_out:
+            raise MriError("an SAE reads and writes the same site; use kind 'transcoder' for two sites")
+        if self.kind != "clt" and len(self.sites_in) != 1:
+            raise MriError(f"a {self.kind} has one input site; use kind 'clt' for several layers")
+        if self.skip and self.kind == "sae":
+            raise MriError("a skip connection is for transcoders, not SAEs")
+
+    @property
+    def n_layers(self) -> int:
+        """Input sites (1 unless a CLT)."""
+        return len(self.sites_in)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DictConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainConfig:
+    """How dictionaries are trained; every field is a `mri dict train` option."""
+
+    tokens: int = 20_000_000
+    """Training tokens (steps = tokens // batch_size)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float | None = None
+    """Adam learning rate; None: 2e-4 / sqrt(n_latents / 16384), the scaling law of Gao et al."""
+    warmup_steps: int | None = None
+    """Linear LR warm-up; None: min(1000, 5% of steps)."""
+    decay_fraction: float = 0.2
+    """The LR decays linearly to zero over this last fraction of the steps."""
+    sparsity_coef: float | None = None
+    """L1 (relu) or L0 (jumprelu) coefficient; None: the arch's default."""
+    sparsity_warmup_fraction: float = 0.05
+    """The sparsity coefficient ramps linearly from zero over this first fraction of the steps."""
+    auxk: bool | None = None
+    """AuxK loss that revives dead latents; None: on for topk and batchtopk."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int | None = None
+    """A latent silent for this many tokens is dead; None: min(10M, max(tokens / 20, 10 batches))."""
+    b_dec_init: str = "median"
+    """Initial decoder bias: median (geometric median of the first batch), mean, or zero."""
+    normalize: bool = True
+    """Scale inputs and outputs so that E||x||^2 = d while training; folded into the weights on save."""
+    autocast: bool = False
+    """bf16 autocast for the compute (fp32 master weights); meant for GPUs."""
+    sparse_kernels: bool = True
+    """TopK/BatchTopK: the encoder backward and decoder touch only active latents."""
+    seed: int = 0
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every this many steps (0: only at the end of `fit`)."""
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.999))
+
+    def __post_init__(self) -> None:
+        if self.tokens < self.batch_size or self.batch_size <= 0:
+            raise MriError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")
+        if self.b_dec_init not in ("median", "mean", "zero"):
+            raise MriError(f"b_dec_init must be median, mean or zero, got {self.b_dec_init!r}")
+        self.adam_betas = tuple(self.adam_betas)
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    def learning_rate(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 16384)
+
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 20)
+
+    def dead_after(self) -> int:
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return min(10_000_000, max(self.tokens // 20, 10 * self.batch_size))
+
+    def uses_auxk(self, arch: str) -> bool:
+        return self.auxk if self.auxk is not None else arch in ("topk", "batchtopk")
+
+    def coefficient(self, arch: str) -> float:
+        if self.sparsity_coef is not None:
+            return self.sparsity_coef
+        return {"relu": 5.0, "jumprelu": 0.5}.get(arch, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,350 @@
+"""Training: one pass of batches fits a list of dictionaries, each reading its own site(s) of the batch.
+
+Per step: scale inputs (E||x||^2 = d), forward, FVU + AuxK + warmed-up sparsity penalty, backward, drop the
+decoder gradient along unit-norm rows, Adam with LR warm-up and linear decay, renormalise the decoder.
+Checkpoints are safetensors + JSON (no pickle) and resume exactly: the same batches give the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+from safetensors.torch import load_file, save_file
+
+from mri.dictionaries.clt import CrossLayerTranscoder
+from mri.dictionaries.config import DictConfig, TrainConfig
+from mri.dictionaries.io import replace_folder
+from mri.dictionaries.sparse_coder import SparseCoder
+from mri.errors import MriError
+
+Dictionary = SparseCoder | CrossLayerTranscoder
+CHECKPOINT_FILES = ("trainer.json", "trainer.safetensors")
+
+
+def build(cfg: DictConfig, *, seed: int = 0, device: str | torch.device | None = None) -> Dictionary:
+    """A freshly initialised dictionary for `cfg`."""
+    if cfg.kind == "clt":
+        return CrossLayerTranscoder(cfg, seed=seed, device=device)
+    return SparseCoder(cfg, seed=seed, device=device)
+
+
+def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
+    """(d,) the point minimising the summed distance to the rows of x (batch, d): Weiszfeld's iteration."""
+    z = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - z).norm(dim=1).clamp_min(1e-8)
+        z_next = (w[:, None] * x).sum(0) / w.sum()
+        if (z_next - z).norm() < 1e-6 * z.norm().clamp_min(1e-12):
+            return z_next
+        z = z_next
+    return z
+
+
+class Trainer:
+    """Fits `dictionaries` together from batches {site: (batch, d)} that hold every site they read."""
+
+    def __init__(
+        self,
+        dictionaries: Sequence[Dictionary],
+        cfg: TrainConfig,
+        *,
+        device: str | torch.device = "cpu",
+    ):
+        if not dictionaries:
+            raise MriError("nothing to train: give at least one dictionary")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dicts = [d.to(self.device).train() for d in dictionaries]
+        groups = []
+        for d in self.dicts:
+            lr = cfg.learning_rate(d.cfg.n_latents)
+            groups.append({"params": list(d.parameters()), "lr": lr, "base_lr": lr})
+        self.optimizer = torch.optim.Adam(groups, betas=cfg.adam_betas, fused=True)
+        self.step = 0
+        self.scales: list[dict[str, float]] | None = None
+        """Per dictionary: site -> factor applied to its activations while training."""
+        self.since_fired = [
+            torch.zeros(d.cfg.n_layers, d.cfg.n_latents, dtype=torch.long, device=self.device)
+            for d in self.dicts
+        ]
+        self.metrics: list[dict[str, float]] = [{} for _ in self.dicts]
+        """Per dictionary: the latest step's fvu, l0, auxk, sparsity and dead fraction."""
+
+    @property
+    def sites(self) -> list[str]:
+        """Every site the dictionaries read, in first-use order."""
+        out: list[str] = []
+        for d in self.dicts:
+            for s in [*d.cfg.sites_in, *d.cfg.sites_out]:
+                if s not in out:
+                    out.append(s)
+        return out
+
+    # ---- schedules ---------------------------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, then constant, then linear decay to zero over the last `decay_fraction`."""
+        steps, warm = self.cfg.steps, self.cfg.warmup()
+        factor = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        decay = int(self.cfg.decay_fraction * steps)
+        if decay > 0:
+            factor *= min(1.0, (steps - step) / decay)
+        return factor
+
+    def sparsity_factor(self, step: int) -> float:
+        ramp = int(self.cfg.sparsity_warmup_fraction * self.cfg.steps)
+        return min(1.0, (step + 1) / ramp) if ramp > 0 else 1.0
+
+    # ---- one step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _initialize(self, batch: dict[str, torch.Tensor]) -> None:
+        """Input scales and decoder biases from the first batch."""
+        self.scales = []
+        for d in self.dicts:
+            scales = {}
+            for s in {*d.cfg.sites_in, *d.cfg.sites_out}:
+                x = batch[s].float()
+                scales[s] = (x.shape[1] / x.pow(2).sum(1).mean().clamp_min(1e-12)).sqrt().item()
+                if not self.cfg.normalize:
+                    scales[s] = 1.0
+            self.scales.append(scales)
+            for layer, s in enumerate(d.cfg.sites_out):
+                y = batch[s].float() * scales[s]
+                if self.cfg.b_dec_init == "median":
+                    bias = geometric_median(y)
+                elif self.cfg.b_dec_init == "mean":
+                    bias = y.mean(0)
+                else:
+                    bias = torch.zeros_like(y[0])
+                d.set_output_bias(layer, bias)
+
+    def _inputs(
+        self, i: int, batch: dict[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        d, scales = self.dicts[i], self.scales[i]
+        xs = [batch[s].to(self.device, torch.float32) * scales[s] for s in d.cfg.sites_in]
+        ys = [batch[s].to(self.device, torch.float32) * scales[s] for s in d.cfg.sites_out]
+        return xs, ys
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on `batch`; returns the summed loss."""
+        missing = [s for s in self.sites if s not in batch]
+        if missing:
+            raise MriError(f"the training batches have no site {missing}; they hold {sorted(batch)}")
+        if self.scales is None:
+            self._initialize(batch)
+        cfg = self.cfg
+        lr = self.lr_factor(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr
+        dead_after = cfg.dead_after()
+        total = torch.zeros((), device=self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.autocast else nullcontext()
+        for i, d in enumerate(self.dicts):
+            xs, ys = self._inputs(i, batch)
+            dead = self.since_fired[i] >= dead_after if cfg.uses_auxk(d.cfg.arch) else None
+            with autocast:
+                if isinstance(d, CrossLayerTranscoder):
+                    out = d(xs, ys, sparse_kernels=cfg.sparse_kernels)
+                else:
+                    out = d(
+                        xs[0],
+                        ys[0],
+                        dead=dead[0] if dead is not None else None,
+                        sparse_kernels=cfg.sparse_kernels,
+                    )
+            coef = cfg.coefficient(d.cfg.arch) * self.sparsity_factor(self.step)
+            loss = out.fvu + cfg.auxk_alpha * out.auxk_loss + coef * out.sparsity_loss
+            total = total + loss.float()
+            self._track(i, out, xs[0].shape[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for d in self.dicts:
+            d.remove_parallel_grads()
+        self.optimizer.step()
+        for d in self.dicts:
+            d.normalize_decoder()
+        self.step += 1
+        return total.detach()
+
+    @torch.no_grad()
+    def _track(self, i: int, out: Any, n_rows: int) -> None:
+        d = self.dicts[i]
+        latents = out.latents if isinstance(out.latents, list) else [out.latents]
+        fired = torch.stack([lat.fired(d.cfg.n_latents) for lat in latents])
+        self.since_fired[i] += n_rows
+        self.since_fired[i][fired > 0] = 0
+        self.metrics[i] = {
+            "fvu": float(out.fvu),
+            "l0": float(sum(lat.l0() for lat in latents) / len(latents)),
+            "auxk": float(out.auxk_loss),
+            "sparsity": float(out.sparsity_loss),
+            "dead": float((self.since_fired[i] >= self.cfg.dead_after()).float().mean()),
+        }
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def fit(
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        *,
+        until: int | None = None,
+        progress: bool = True,
+        checkpoint: str | Path | None = None,
+    ) -> list[dict[str, float]]:
+        """Train from the start of `batches` until step `until` (default: the last step).
+
+        A resumed trainer skips the batches it has already seen, so `batches` must replay the same
+        sequence from its beginning (a store with a fixed seed, toy data, or the same corpus). With
+        `checkpoint`, a resumable checkpoint is written there every `checkpoint_every` steps and at the end.
+        Returns the last step's metrics per dictionary.
+        """
+        end = min(until if until is not None else self.cfg.steps, self.cfg.steps)
+        it: Iterator[dict[str, torch.Tensor]] = islice(iter(batches), self.step, None)
+        with _progress(progress) as bar:
+            task = bar.add_task(
+                "training", total=end * self.cfg.batch_size, completed=self.step * self.cfg.batch_size
+            )
+            while self.step < end:
+                batch = next(it, None)
+                if batch is None:
+                    raise MriError(
+                        f"the data ran out after {self.step} steps of {end}; record more tokens or ask for "
+                        f"fewer (--tokens {self.step * self.cfg.batch_size})"
+                    )
+                self.train_step(batch)
+                m = self.metrics[0]
+                bar.update(
+                    task,
+                    advance=self.cfg.batch_size,
+                    description=f"fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead']:.1%}",
+                )
+                every = self.cfg.checkpoint_every
+                if checkpoint is not None and every and self.step % every == 0 and self.step < end:
+                    self.save_checkpoint(checkpoint)
+        if checkpoint is not None:
+            self.save_checkpoint(checkpoint)
+        return self.metrics
+
+    # ---- results -----------------------------------------------------------------------------------
+    def finished(self) -> list[Dictionary]:
+        """Copies of the dictionaries in eval mode with input scales and decoder norms folded in: they act
+        on raw activations."""
+        out = []
+        for d, scales in zip(self.dicts, self.scales or [{}] * len(self.dicts), strict=True):
+            d = copy.deepcopy(d).eval()
+            if scales:
+                d.fold_scales([scales[s] for s in d.cfg.sites_in], [scales[s] for s in d.cfg.sites_out])
+            d.fold_decoder_norms()
+            out.append(d)
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, folder: str | Path) -> Path:
+        """Everything needed to resume exactly, written atomically to `folder`."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, d in enumerate(self.dicts):
+            for name, t in d.state_dict().items():
+                tensors[f"dict{i}.{name}"] = t
+            tensors[f"since_fired{i}"] = self.since_fired[i]
+        state = self.optimizer.state_dict()
+        for p, entries in state["state"].items():
+            for key, value in entries.items():
+                tensors[f"optim.{p}.{key}"] = torch.as_tensor(value)
+        meta = {
+            "step": self.step,
+            "train": self.cfg.to_dict(),
+            "dictionaries": [d.cfg.to_dict() for d in self.dicts],
+            "scales": self.scales,
+            "metrics": self.metrics,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
+        }
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "trainer.safetensors"))
+            (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+
+        return replace_folder(Path(folder), write)
+
+    @classmethod
+    def resume(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> Trainer:
+        """A trainer restored from `save_checkpoint(folder)`; call `fit` with the same batches to go on."""
+        folder = Path(folder)
+        if not all((folder / f).is_file() for f in CHECKPOINT_FILES):
+            raise MriError(f"{folder} is not a training checkpoint: it needs {', '.join(CHECKPOINT_FILES)}")
+        meta = json.loads((folder / "trainer.json").read_text())
+        tensors = load_file(str(folder / "trainer.safetensors"))
+        dicts = [build(DictConfig.from_dict(c)) for c in meta["dictionaries"]]
+        for i, d in enumerate(dicts):
+            prefix = f"dict{i}."
+            d.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        trainer = cls(dicts, TrainConfig.from_dict(meta["train"]), device=device)
+        trainer.step = meta["step"]
+        trainer.scales = meta["scales"]
+        trainer.metrics = meta["metrics"]
+        for i in range(len(dicts)):
+            trainer.since_fired[i].copy_(tensors[f"since_fired{i}"])
+        state: dict[str, Any] = {"state": {}, "param_groups": []}
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, p, key = name.split(".", 2)
+                state["state"].setdefault(int(p), {})[key] = value
+        own = trainer.optimizer.state_dict()["param_groups"]
+        state["param_groups"] = [
+            {**g, "params": o["params"]} for g, o in zip(meta["param_groups"], own, strict=True)
+        ]
+        trainer.optimizer.load_state_dict(state)
+        return trainer
+
+
+class _Silent:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k) -> int:
+        return 0
+
+    def update(self, *a, **k) -> None:
+        pass
+
+
+class _TokensPerSecond(ProgressColumn):
+    """Tokens per second, from rich's moving estimate."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text("" if speed is None else f"{speed:,.0f} tok/s")
+
+
+def _progress(show: bool):
+    """A rich progress bar in tokens with tokens/s and ETA, or a silent stand-in."""
+    if not show:
+        return _Silent()
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        _TokensPerSecond(),
+        TimeRemainingColumn(),
+    )

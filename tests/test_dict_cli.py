@@ -1,0 +1,178 @@
+"""`mri dict train` / `mri dict eval` end to end on a tiny model, and splicing a dictionary into the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_TEXT
+from typer.testing import CliRunner
+
+import mri
+from mri.data.record import record
+from mri.dictionaries import DictConfig, build, load
+from mri.dictionaries.commands import dict_app, evaluate, train
+from mri.dictionaries.metrics import evaluate_on_model
+from mri.errors import MriError
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TINY_TEXT)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, tiny_model_dir, corpus):
+    model = mri.load(tiny_model_dir("llama"))
+    sites = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+    return record(model, corpus, sites, 2048, tmp_path / "store", dtype="fp32", ctx_len=32, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder", "clt"])
+def test_splice_with_error_term_gives_exactly_the_model_loss(tiny_model_dir, kind):
+    model = mri.load(tiny_model_dir("llama"))
+    if kind == "sae":
+        sites_in = sites_out = ["blocks.1.hook_resid_post"]
+    else:
+        n = 1 if kind == "transcoder" else 3
+        sites_in = [f"blocks.{i}.hook_mlp_in" for i in range(n)]
+        sites_out = [f"blocks.{i}.hook_mlp_out" for i in range(n)]
+    cfg = DictConfig(
+        kind=kind, arch="topk", d_in=32, n_latents=64, k=8, sites_in=sites_in, sites_out=sites_out
+    )
+    ids = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(0))
+    metrics, density = evaluate_on_model(build(cfg), model, ids, batch_size=2)
+    assert metrics["ce_spliced_with_error"] == metrics["ce_model"]
+    assert metrics["kl_with_error"] == 0
+    assert metrics["ce_spliced"] != metrics["ce_model"] and metrics["kl"] > 0
+    assert density.shape == (len(sites_in), 64)
+    assert metrics["tokens"] == 4 * 23
+
+
+def test_train_from_a_store_then_evaluate_on_the_model(tmp_path, store, tiny_model_dir, corpus):
+    out = tmp_path / "dicts"
+    train(
+        sites=["L1.resid_post", "L1.mlp_in"],
+        out=out,
+        store=store,
+        latents=64,
+        k=4,
+        tokens=4096,
+        batch_size=256,
+        progress=False,
+        device="cpu",
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["blocks.1.hook_mlp_in", "blocks.1.hook_resid_post"]
+    folder = out / "blocks.1.hook_resid_post"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["training_tokens"] == 4096 and manifest["model_fingerprint"]
+    assert load(folder).cfg.sites_in == ["blocks.1.hook_resid_post"]
+    evaluate(folder, model=str(tiny_model_dir("llama")), corpus=corpus, tokens=256, ctx=32, device="cpu")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key in (
+        "fvu",
+        "explained_variance",
+        "l0",
+        "dead_fraction",
+        "dense_fraction",
+        "ce_loss_recovered",
+        "kl",
+    ):
+        assert key in metrics
+    assert metrics["l0"] <= 4 and metrics["ce_spliced_with_error"] == metrics["ce_model"]
+    assert (folder / "density.png").stat().st_size > 1000
+    evaluate(folder, store=store, out=tmp_path / "store-eval", device="cpu")
+    assert json.loads((tmp_path / "store-eval" / "metrics.json").read_text())["tokens"] > 0
+
+
+def test_cli_trains_a_transcoder_streamed_from_the_model(tmp_path, tiny_model_dir, corpus):
+    result = CliRunner().invoke(
+        dict_app,
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir("llama")),
+            "--corpus",
+            str(corpus),
+            "--site",
+            "L1.mlp_in",
+            "--kind",
+            "transcoder",
+            "--arch",
+            "batchtopk",
+            "--latents",
+            "64",
+            "--k",
+            "4",
+            "--tokens",
+            "1024",
+            "--batch-size",
+            "128",
+            "--ctx",
+            "32",
+            "--out",
+            str(tmp_path / "tc"),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    tc = load(tmp_path / "tc")
+    assert tc.cfg.sites_out == ["blocks.1.hook_mlp_out"] and float(tc.threshold) > 0
+
+
+def test_bad_inputs_say_what_is_wrong(tmp_path, store, tiny_model_dir, corpus):
+    common = {
+        "out": tmp_path / "d",
+        "latents": 16,
+        "k": 2,
+        "tokens": 512,
+        "batch_size": 128,
+        "progress": False,
+        "device": "cpu",
+    }
+    with pytest.raises(MriError, match="unknown architecture"):
+        train(sites=["L1.resid_post"], store=store, arch="gated", **common)
+    with pytest.raises(MriError, match="no site"):
+        train(sites=["L0.resid_post"], store=store, **common)
+    with pytest.raises(MriError, match="unknown site"):
+        train(sites=["L9.resid_post"], model=str(tiny_model_dir("llama")), corpus=corpus, **common)
+    with pytest.raises(MriError, match="either"):
+        train(sites=["L1.resid_post"], **common)
+    with pytest.raises(MriError, match="IN:OUT"):
+        train(sites=["L1.resid_post"], store=store, kind="transcoder", **common)
+    with pytest.raises(MriError, match="ran out"):
+        train(
+            sites=["L1.resid_post"],
+            model=str(tiny_model_dir("llama")),
+            corpus=corpus,
+            **{**common, "tokens": 10**7},
+        )
+
+
+def test_resume_picks_up_the_checkpoint(tmp_path, store, monkeypatch):
+    import mri.dictionaries.commands as commands
+
+    monkeypatch.setattr(commands, "discard_checkpoint", lambda folder: None)  # keep the final checkpoint
+    common = {
+        "sites": ["L1.resid_post"],
+        "store": store,
+        "latents": 32,
+        "k": 4,
+        "tokens": 2048,
+        "batch_size": 256,
+        "progress": False,
+        "device": "cpu",
+        "checkpoint_every": 3,
+    }
+    train(out=tmp_path / "a", **common)
+    assert (tmp_path / "a.ckpt" / "trainer.json").is_file()
+    train(out=tmp_path / "a", resume=True, **common)  # nothing left to train: same weights again
+    first = load(tmp_path / "a")
+    with pytest.raises(MriError, match="other dictionaries"):
+        train(out=tmp_path / "a", resume=True, **{**common, "latents": 64})
+    assert first.cfg.n_latents == 32

@@ -1,0 +1,227 @@
+"""Dictionary training: ground-truth recovery on toy data, exact resume, transcoders and CLTs on a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mri
+from mri.dictionaries import DictConfig, TrainConfig, Trainer, build
+from mri.dictionaries.metrics import apply
+from mri.dictionaries.toy import ToyFeatures
+from mri.errors import MriError
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices train fastest on one thread, and a busy machine does not oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _toy_sae(arch: str, n: int = 1024, k: int = 8, **kw) -> tuple[ToyFeatures, Trainer]:
+    toy = ToyFeatures(n_features=512, d=64, p=0.015, seed=0)
+    cfg = DictConfig(
+        kind="sae", arch=arch, d_in=64, n_latents=n, k=k, sites_in=["toy"], sites_out=["toy"], **kw
+    )
+    return toy, cfg
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_coder_recovers_the_true_features(one_thread, arch):
+    toy, cfg = _toy_sae(arch)
+    trainer = Trainer([build(cfg)], TrainConfig(tokens=150 * 1024, batch_size=1024, lr=3e-3))
+    trainer.fit(toy.batches(1024), progress=False)
+    sae = trainer.finished()[0]
+    assert toy.recovery(sae.W_dec) >= 0.98
+    assert trainer.metrics[0]["l0"] == 8
+
+
+def test_resume_continues_exactly(tmp_path, one_thread):
+    """Training N steps, checkpointing, resuming and training N more equals training 2N straight."""
+    toy, cfg = _toy_sae("batchtopk", n=128, k=4)
+    tcfg = TrainConfig(tokens=40 * 256, batch_size=256, lr=3e-3, dead_tokens=256 * 3)
+    straight = Trainer([build(cfg)], tcfg)
+    straight.fit(toy.batches(256), progress=False)
+
+    first = Trainer([build(cfg)], tcfg)
+    first.fit(toy.batches(256), until=20, progress=False, checkpoint=tmp_path / "ckpt")
+    resumed = Trainer.resume(tmp_path / "ckpt")
+    assert resumed.step == 20
+    resumed.fit(toy.batches(256), progress=False)
+    for name, value in straight.dicts[0].state_dict().items():
+        assert torch.equal(value, resumed.dicts[0].state_dict()[name]), name
+    assert torch.equal(straight.since_fired[0], resumed.since_fired[0])
+
+
+def test_finished_dictionary_acts_on_raw_activations():
+    """Input normalisation and decoder norms are folded in: raw in, raw out, same function."""
+    torch.manual_seed(0)
+    for arch in ("relu", "jumprelu", "batchtopk", "topk"):
+        cfg = DictConfig(
+            kind="transcoder",
+            arch=arch,
+            d_in=16,
+            d_out=8,
+            n_latents=64,
+            k=4,
+            skip=True,
+            sites_in=["a"],
+            sites_out=["b"],
+        )
+        trainer = Trainer([build(cfg)], TrainConfig(tokens=5 * 128, batch_size=128, lr=1e-2))
+        gen = torch.Generator().manual_seed(0)
+        batches = [
+            {"a": 7 * torch.randn(128, 16, generator=gen), "b": 0.1 * torch.randn(128, 8, generator=gen)}
+            for _ in range(5)
+        ]
+        trainer.fit(batches, progress=False)
+        live = trainer.dicts[0].eval()
+        done = trainer.finished()[0]
+        x = batches[0]["a"]
+        s_in, s_out = trainer.scales[0]["a"], trainer.scales[0]["b"]
+        want = live.reconstruct(x * s_in) / s_out
+        torch.testing.assert_close(done.reconstruct(x), want, rtol=1e-4, atol=1e-5, msg=arch)
+        torch.testing.assert_close(done.W_dec.norm(dim=1), torch.ones(64), msg=arch)
+
+
+def _mlp_batches(model, sites, n_batches, batch_size=256):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(
+            3,
+            model.tokenizer.vocab_size if hasattr(model.tokenizer, "vocab_size") else 200,
+            (batch_size // 32, 32),
+            generator=gen,
+        )
+        cache = model.run(ids, read=sites).cache
+        out.append({s: cache[s].flatten(0, 1) for s in sites})
+    return out
+
+
+def test_transcoder_beats_the_mean_on_a_tiny_model(tiny_model_dir, one_thread):
+    model = mri.load(tiny_model_dir("llama"))
+    sites = ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+    batches = _mlp_batches(model, sites, 60)
+    cfg = DictConfig(
+        kind="transcoder",
+        arch="topk",
+        d_in=32,
+        n_latents=256,
+        k=8,
+        skip=True,
+        sites_in=sites[:1],
+        sites_out=sites[1:],
+    )
+    trainer = Trainer([build(cfg)], TrainConfig(tokens=100 * 256, batch_size=256, lr=3e-2))
+    trainer.fit(batches[:50] * 2, progress=False)
+    tc = trainer.finished()[0]
+    held = batches[50:]
+    x = torch.cat([b[sites[0]] for b in held])
+    y = torch.cat([b[sites[1]] for b in held])
+    err = (tc.reconstruct(x).detach() - y).pow(2).sum()
+    mean_err = (y - torch.cat([b[sites[1]] for b in batches[:50]]).mean(0)).pow(2).sum()
+    assert err < 0.5 * mean_err
+
+
+def test_clt_shapes_and_decoding_to_later_layers():
+    sites_in = [f"blocks.{i}.hook_mlp_in" for i in range(3)]
+    sites_out = [f"blocks.{i}.hook_mlp_out" for i in range(3)]
+    cfg = DictConfig(
+        kind="clt", arch="topk", d_in=8, d_out=6, n_latents=20, k=3, sites_in=sites_in, sites_out=sites_out
+    )
+    clt = build(cfg).eval()
+    assert clt.W_enc.shape == (3, 20, 8)
+    assert [tuple(w.shape) for w in clt.W_dec] == [(3, 20, 6), (2, 20, 6), (1, 20, 6)]
+    xs = [torch.randn(5, 8) for _ in range(3)]
+    acts = clt.encode(xs)
+    assert [tuple(a.shape) for a in acts] == [(5, 20)] * 3
+    assert all(((a > 0).sum(1) <= 3).all() for a in acts)
+    outs = clt.reconstruct(xs)
+    # layer 2's output is the sum of what layers 0, 1 and 2 write to it
+    want = clt.b_dec[2] + acts[0] @ clt.W_dec[0][2] + acts[1] @ clt.W_dec[1][1] + acts[2] @ clt.W_dec[2][0]
+    torch.testing.assert_close(outs[2], want)
+    # layer 0's latents reach layer 2; layer 2's do not reach layer 0
+    bumped = [xs[0], xs[1], xs[2] + 10]
+    torch.testing.assert_close(clt.reconstruct(bumped)[0], outs[0])
+    # sparse and dense decoding agree
+    latents, sparse_outs = apply(clt, xs)
+    for a, b in zip(sparse_outs, outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_clt_trains_from_one_pass_beside_an_sae(tiny_model_dir, one_thread):
+    model = mri.load(tiny_model_dir("llama"))
+    sites_in = [f"blocks.{i}.hook_mlp_in" for i in range(3)]
+    sites_out = [f"blocks.{i}.hook_mlp_out" for i in range(3)]
+    batches = _mlp_batches(model, [*sites_in, *sites_out, "blocks.1.hook_resid_post"], 20)
+    clt_cfg = DictConfig(
+        kind="clt", arch="relu", d_in=32, n_latents=64, sites_in=sites_in, sites_out=sites_out
+    )
+    sae_cfg = DictConfig(
+        kind="sae",
+        arch="topk",
+        d_in=32,
+        n_latents=64,
+        k=4,
+        sites_in=["blocks.1.hook_resid_post"],
+        sites_out=["blocks.1.hook_resid_post"],
+    )
+    trainer = Trainer([build(clt_cfg), build(sae_cfg)], TrainConfig(tokens=20 * 256, batch_size=256, lr=3e-3))
+    first = None
+    for step, batch in enumerate(batches):
+        trainer.train_step(batch)
+        if step == 0:
+            first = [m["fvu"] for m in trainer.metrics]
+    assert all(m["fvu"] < f for m, f in zip(trainer.metrics, first, strict=True))
+
+
+def test_training_needs_every_site_in_the_batches():
+    cfg = DictConfig(kind="sae", arch="topk", d_in=4, n_latents=8, k=2, sites_in=["a"], sites_out=["a"])
+    trainer = Trainer([build(cfg)], TrainConfig(tokens=64, batch_size=32))
+    with pytest.raises(MriError, match="no site"):
+        trainer.train_step({"b": torch.randn(32, 4)})
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"arch": "gated"}, "unknown architecture"),
+        ({"kind": "vae"}, "unknown dictionary kind"),
+        ({"k": 0}, "k must be"),
+        ({"sites_out": ["other"]}, "same site"),
+    ],
+)
+def test_bad_configs_are_refused(kw, match):
+    base = {
+        "kind": "sae",
+        "arch": "topk",
+        "d_in": 4,
+        "n_latents": 8,
+        "k": 2,
+        "sites_in": ["a"],
+        "sites_out": ["a"],
+    }
+    with pytest.raises(MriError, match=match):
+        DictConfig(**{**base, **kw})
+
+
+def test_geometric_median_resists_outliers():
+    from mri.dictionaries.trainer import geometric_median
+
+    gen = torch.Generator().manual_seed(0)
+    cluster = torch.randn(99, 5, generator=gen) * 0.1
+    points = torch.cat([cluster, torch.full((1, 5), 1000.0)])
+    assert geometric_median(points).norm() < 0.2 < points.mean(0).norm()
+
+
+def test_schedules_warm_up_and_decay():
+    cfg = DictConfig(kind="sae", arch="relu", d_in=4, n_latents=8, sites_in=["a"], sites_out=["a"])
+    trainer = Trainer([build(cfg)], TrainConfig(tokens=1000 * 10, batch_size=10, warmup_steps=100))
+    lr = [trainer.lr_factor(s) for s in range(1000)]
+    assert lr[0] == 0.01 and lr[99] == 1.0 and lr[500] == 1.0
+    assert lr[999] == pytest.approx(1 / 200) and all(a >= b for a, b in zip(lr[800:], lr[801:], strict=False))
+    assert trainer.sparsity_factor(0) == pytest.approx(1 / 50) and trainer.sparsity_factor(49) == 1.0
