@@ -1,0 +1,179 @@
+"""Measuring steering: concept presence and perplexity under the unsteered model, calibration, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mri
+from mri.dictionaries import DictConfig, SparseCoder, save
+from mri.errors import MriError
+from mri.steer import FeatureEdit, Steering, calibrate, concept_demo, concept_tokens, generate, measure
+from mri.steer.calibrate import Calibration, pick
+from mri.steer.commands import steer_app
+from mri.steer.measure import Measurement
+
+SITE = "blocks.2.hook_resid_post"
+PROMPTS = [
+    f"The {w} was"
+    for w in "fox dog box word jugs model add liquor quick lazy brown five pack dozen beginning jumps".split()
+]
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_model_dir):
+    """A tiny model with a sharper unembedding, an SAE whose feature 3 writes the unembedding direction of
+    ' was' at the last block, and that token's id."""
+    model = mri.load(tiny_model_dir("llama"))
+    with torch.no_grad():
+        model.hf.lm_head.weight.mul_(20)
+    (token,) = model.tokenizer(" was", add_special_tokens=False)["input_ids"]
+    sae = SparseCoder(
+        DictConfig(kind="sae", arch="relu", d_in=32, n_latents=8, sites_in=[SITE], sites_out=[SITE])
+    )
+    with torch.no_grad():
+        u = model.hf.lm_head.weight[token] / model.hf.lm_head.weight[token].norm()
+        sae.W_dec[3], sae.W_enc[3] = u, u
+    return model, sae.eval(), token
+
+
+def test_perplexity_is_that_of_the_generated_tokens_under_the_unsteered_model(planted):
+    model, _, _ = planted
+    gens = generate(model, PROMPTS[:2], max_new_tokens=5, seed=1)
+    m = measure(model, gens)
+    nll = []
+    for p, g in zip(gens.prompt_ids, gens.ids, strict=True):
+        logits = model.run(torch.tensor([p + g]), stop=False).logits[0].log_softmax(-1)
+        nll += [-float(logits[len(p) - 1 + i, t]) for i, t in enumerate(g)]
+    assert m.n_tokens == len(nll)
+    assert m.perplexity == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)
+
+
+def test_a_planted_feature_makes_its_concept_ten_times_as_common(planted):
+    model, sae, token = planted
+    assert concept_tokens(model, sae, 3, k=1) == [token]  # read off the feature's logit effect
+    result = concept_demo(model, sae, 3, PROMPTS, max_new_tokens=8, concept=[token])
+    cal = result["calibration"]
+    assert result["strength"] > 0 and cal["chosen"] == result["strength"]
+    (chosen,) = [p for p in cal["points"] if p["strength"] == cal["chosen"]]
+    assert chosen["ppl_ratio"] <= 2 and chosen["token_rate"] == max(
+        p["token_rate"] for p in cal["points"] if p["ppl_ratio"] <= 2
+    )
+    assert result["unsteered_rate"] <= 0.1
+    assert result["steered_rate"] >= 0.8
+    assert result["rate_ratio"] >= 10
+    assert result["perplexity_ratio"] <= 2.5 and result["kl"] > 0
+
+
+def test_pick_takes_the_most_concept_within_the_perplexity_budget():
+    def point(s, rate, ppl):
+        return Measurement(strength=s, n_generations=10, n_tokens=100, perplexity=ppl, token_rate=rate)
+
+    base = point(None, 0.0, 10.0)
+    cal = Calibration(
+        base,
+        [point(1, 0.2, 11), point(2, 0.6, 25), point(4, 0.6, 15), point(8, 1.0, 40)],
+        "tokens",
+        2.0,
+        None,
+        "",
+    )
+    assert pick(cal)[0] == 4  # 2 and 8 break the budget (perplexity > 2 x 10)
+    cal.points[1].perplexity = 19
+    assert pick(cal)[0] == 2  # a tie goes to the smaller strength
+    cal.points = [point(1, 0.0, 11), point(8, 1.0, 40)]
+    assert pick(cal)[0] is None
+
+
+def test_calibration_stops_at_a_strength_that_overflows_and_writes_its_files(planted, tmp_path):
+    model, sae, token = planted
+    steering = Steering(model, [FeatureEdit(sae, 3, "add", 0.0)])
+    cal = calibrate(
+        model, steering, PROMPTS[:4], strengths=[0.05, 0.1, 1e39], concept=[token], max_new_tokens=4, refine=0
+    )
+    assert [p.strength for p in cal.points] == [0.05, 0.1]
+    assert cal.largest_finite is not None and 0.1 < cal.largest_finite < 1e39
+    json_path, png = cal.save(tmp_path / "cal")
+    data = json.loads(json_path.read_text())
+    assert data["largest_finite"] == cal.largest_finite and len(data["points"]) == 2
+    assert png.stat().st_size > 1000
+
+
+@pytest.fixture
+def saved_sae(tiny_model_dir, tmp_path):
+    """CLI arguments naming the tiny model and a saved TopK SAE trained (by fingerprint) on it."""
+    folder = tiny_model_dir("llama")
+    fingerprint = mri.load(folder).fingerprint()
+    cfg = DictConfig(
+        kind="sae",
+        arch="topk",
+        k=4,
+        d_in=32,
+        n_latents=16,
+        sites_in=[SITE],
+        sites_out=[SITE],
+        model_fingerprint=fingerprint,
+    )
+    save(SparseCoder(cfg), tmp_path / "sae")
+    return [str(folder), "--dict", str(tmp_path / "sae"), "--feature", "3", "--max-new-tokens", "4"]
+
+
+def test_cli_steers_and_explains_bad_input(saved_sae, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(
+        steer_app, [*saved_sae, "--strength", "2", "-p", "The fox", "--out", str(tmp_path / "g.json")]
+    )
+    assert r.exit_code == 0, r.output  # `mri steer MODEL ...` runs `generate`
+    assert len(json.loads((tmp_path / "g.json").read_text())["generations"]) == 1
+    r = runner.invoke(steer_app, [*saved_sae[:3], "--feature", "99", "--strength", "1", "-p", "x"])
+    assert isinstance(r.exception, MriError) and "0..15" in str(r.exception)
+    r = runner.invoke(steer_app, [*saved_sae, "--strength", "1e39", "-p", "x", "--no-baseline"])
+    assert isinstance(r.exception, MriError) and "largest strength" in str(r.exception)
+
+
+def test_cli_calibrates_and_makes_vectors(saved_sae, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cal"
+    args = ["calibrate", *saved_sae, "--strengths", "1,2", "-p", "a", "-p", "b", "--metric", "activation"]
+    r = runner.invoke(steer_app, [*args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "calibration.json").is_file() and (out / "tradeoff.png").is_file()
+    (tmp_path / "pos.txt").write_text("the fox\nthe dog\n")
+    (tmp_path / "neg.txt").write_text("def add\nreturn a\n")
+    vector = str(tmp_path / "v.safetensors")
+    r = runner.invoke(
+        steer_app,
+        [
+            "vector",
+            saved_sae[0],
+            "--site",
+            "L1.resid_post",
+            "--positive",
+            str(tmp_path / "pos.txt"),
+            "--negative",
+            str(tmp_path / "neg.txt"),
+            "--out",
+            vector,
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        steer_app,
+        [
+            saved_sae[0],
+            "--vector",
+            vector,
+            "--strength",
+            "4",
+            "-p",
+            "The fox",
+            "--max-new-tokens",
+            "3",
+            "--no-baseline",
+        ],
+    )
+    assert r.exit_code == 0, r.output
