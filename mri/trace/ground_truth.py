@@ -1,0 +1,169 @@
+"""Ground truth from the synthetic world: on two-hop questions ("The capital of the region that contains X
+is"), does the graph route the first entity through a feature of the unstated bridge entity ("via")?
+
+For every two-hop question the model answers correctly (its top token is the answer's first token), a
+feature is *tied to the bridge* when it fires at the bridge entity's last token when the bridge is named
+alone, and fires there for at most `max_share` of the other bridges (so it is about this entity, not about
+entities in general). The question's graph passes when such a feature, at any position, lies on a path of
+kept edges from a token of the first entity to the answer's logit. Ablating those features (activations set
+to zero, downstream features recomputed, attention patterns and norms frozen) shows whether the answer
+depends on them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from mri.errors import MriError
+from mri.trace.attribution import attribute
+from mri.trace.graph import Graph, prune
+from mri.trace.replacement import ReplacementModel
+
+
+class TwoHopCase(NamedTuple):
+    """One two-hop question."""
+
+    prompt: str
+    answer: str
+    via: str
+    correct: bool
+    """The model's top next token is the answer's first token."""
+    bridge_features: list[tuple[int, int]]
+    """(layer, latent) features tied to the bridge entity."""
+    on_path: list[str]
+    """Graph node ids of bridge features on a path from the first entity's tokens to the answer logit."""
+    ablation: float | None
+    """Change in the answer's probability when the on-path bridge features are ablated (None: none)."""
+
+
+class TwoHopReport(NamedTuple):
+    """What `two_hop_report` found."""
+
+    cases: list[TwoHopCase]
+
+    @property
+    def correct(self) -> list[TwoHopCase]:
+        return [c for c in self.cases if c.correct]
+
+    @property
+    def share_on_path(self) -> float:
+        """Share of correctly answered questions whose graph has a bridge feature on the path."""
+        good = self.correct
+        return sum(bool(c.on_path) for c in good) / len(good) if good else 0.0
+
+    @property
+    def mean_ablation(self) -> float | None:
+        """Mean change of the answer's probability when on-path bridge features are ablated."""
+        effects = [c.ablation for c in self.cases if c.ablation is not None]
+        return sum(effects) / len(effects) if effects else None
+
+    def summary(self) -> str:
+        m = self.mean_ablation
+        ablation = "no ablations" if m is None else f"ablating them moves p(answer) by {m:+.3f} on average"
+        return (
+            f"{len(self.correct)}/{len(self.cases)} answered correctly; bridge feature on the path in "
+            f"{self.share_on_path:.0%} of those; {ablation}"
+        )
+
+
+def _span(model, prompt: str, text: str) -> list[int]:
+    """Token positions (BOS counted) covering `text` inside `prompt`."""
+    start = prompt.find(text)
+    if start < 0:
+        return []
+    before = len(model.to_tokens(prompt[:start])[0]) if start else 1
+    through = len(model.to_tokens(prompt[: start + len(text)])[0])
+    return list(range(max(before - 1, 1), through))
+
+
+def bridge_features(rm: ReplacementModel, vias: Sequence[str], *, top: int = 8, max_share: float = 0.5):
+    """via -> its tied (layer, latent) features: the `top` most active at its last token, named alone,
+    that fire for at most `max_share` of the other bridges."""
+    fired: dict[str, dict[tuple[int, int], float]] = {}
+    for via in dict.fromkeys(vias):
+        snap = rm.prepare(rm.model.to_tokens(" " + via)[0])
+        last = snap.features[:, 1] == snap.n_pos - 1
+        fired[via] = {
+            (int(f[0]), int(f[2])): float(a)
+            for f, a in zip(snap.features[last], snap.activations[last], strict=True)
+        }
+    counts: dict[tuple[int, int], int] = {}
+    for feats in fired.values():
+        for key in feats:
+            counts[key] = counts.get(key, 0) + 1
+    others = max(len(fired) - 1, 1)
+    out = {}
+    for via, feats in fired.items():
+        specific = {k: v for k, v in feats.items() if (counts[k] - 1) / others <= max_share}
+        out[via] = sorted(specific, key=lambda k: -specific[k])[:top]
+    return out
+
+
+def _on_path(graph: Graph, keep, sources: list[int], target: int) -> set[int]:
+    """Nodes reachable from `sources` along kept edges that also reach `target`."""
+    edges = keep.edge_mask
+    forward, frontier = set(sources), list(sources)
+    while frontier:
+        nxt = edges[:, frontier].any(1).nonzero().squeeze(1).tolist()
+        frontier = [n for n in nxt if n not in forward]
+        forward.update(frontier)
+    backward, frontier = {target}, [target]
+    while frontier:
+        prev = edges[frontier].any(0).nonzero().squeeze(1).tolist()
+        frontier = [n for n in prev if n not in backward]
+        backward.update(frontier)
+    return forward & backward
+
+
+def two_hop_report(
+    model,
+    transcoders,
+    world_json: str | Path | dict[str, Any],
+    *,
+    split: str = "two_hop_eval",
+    limit: int = 20,
+    max_feature_nodes: int = 2000,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+) -> TwoHopReport:
+    """Trace up to `limit` two-hop questions of `world_json` (a world.json path or its dict)."""
+    world = json.loads(Path(world_json).read_text()) if not isinstance(world_json, dict) else world_json
+    if split not in world:
+        raise MriError(f"the world has no {split!r} list; it has {', '.join(world)}")
+    rm = transcoders if isinstance(transcoders, ReplacementModel) else ReplacementModel(model, transcoders)
+    facts = [f for f in world[split] if f.get("via")][:limit]
+    tied = bridge_features(rm, [f["via"] for f in facts])
+    cases = []
+    for fact in facts:
+        graph = attribute(fact["prompt"], rm, max_feature_nodes=max_feature_nodes)
+        answer_id = model.to_tokens(fact["answer"], bos=False)[0, 0].item()
+        correct = int(graph.logit_ids[0]) == answer_id
+        on_path: list[str] = []
+        ablation = None
+        bridge = tied[fact["via"]]
+        if correct and bridge:
+            keep = prune(graph, node_threshold, edge_threshold)
+            sources = [graph.token_index(p) for p in _span(model, fact["prompt"], fact["subject"])]
+            path = _on_path(graph, keep, sources, graph.logit_index(0))
+            hits = [
+                i
+                for i in path
+                if i < graph.n_features and tuple(graph.features[i, [0, 2]].tolist()) in bridge
+            ]
+            on_path = [f"{layer}_{latent}_{pos}" for layer, pos, latent in graph.features[hits].tolist()]
+            if hits:
+                snap = rm.prepare(graph.input_ids)
+                changes = {tuple(graph.features[i].tolist()): 0.0 for i in hits}
+                with torch.no_grad():
+                    before = torch.softmax(rm.run(snap, live=True).logits[0, -1], -1)[answer_id]
+                    after = torch.softmax(rm.run(snap, changes, live=True).logits[0, -1], -1)[answer_id]
+                ablation = float(after - before)
+        cases.append(
+            TwoHopCase(fact["prompt"], fact["answer"], fact["via"], correct, bridge, on_path, ablation)
+        )
+    return TwoHopReport(cases)

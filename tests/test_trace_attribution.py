@@ -1,0 +1,107 @@
+"""Attribution: edge weights are the direct effects that interventions under constrained patching measure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mri
+from mri.trace import ReplacementModel, attribute, prune, scores
+from mri.trace.toy import random_transcoders
+
+PROMPT = "The quick brown fox jumps over"
+
+
+def _strongest_feature_edges(graph, n: int) -> list[tuple[int, int]]:
+    """(target, source) pairs of the n largest |weight| feature -> feature edges."""
+    nf = graph.n_features
+    block = graph.adjacency[:nf, :nf].abs()
+    top = block.flatten().topk(n).indices.tolist()
+    return [divmod(i, nf) for i in top]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(arch="relu"), dict(arch="topk", skip=True), dict(arch="relu", clt=True)],
+    ids=["relu", "topk-skip", "clt"],
+)
+def test_doubling_a_feature_moves_targets_by_edge_weight(tiny_model_dir, options):
+    model = mri.load(tiny_model_dir("llama"))
+    rm = ReplacementModel(model, random_transcoders(model, **options))
+    graph = attribute(PROMPT, rm, max_feature_nodes=None, batch_size=32)
+    snap = rm.prepare(graph.input_ids)
+    with torch.no_grad():
+        base = rm.run(snap)
+        for target, source in _strongest_feature_edges(graph, 6):
+            layer, pos, latent = graph.features[source].tolist()
+            doubled = rm.run(snap, {(layer, pos, latent): 2 * float(graph.activations[source])})
+            t = graph.features[target].tolist()
+            moved = rm.preactivation(doubled, *t) - rm.preactivation(base, *t)
+            weight = graph.adjacency[target, source]
+            assert weight != 0
+            torch.testing.assert_close(moved[0], weight, rtol=1e-3, atol=1e-4 * float(weight.abs()))
+        for k in range(graph.n_logits):
+            row = graph.adjacency[graph.logit_index(k), : graph.n_features]
+            source = int(row.abs().argmax())
+            key = tuple(graph.features[source].tolist())
+            doubled = rm.run(snap, {key: 2 * float(graph.activations[source])})
+            token = int(graph.logit_ids[k])
+            moved = rm.logit_effect(doubled, token) - rm.logit_effect(base, token)
+            torch.testing.assert_close(moved[0], row[source], rtol=1e-3, atol=1e-4 * float(row[source].abs()))
+
+
+def test_logit_row_accounts_for_every_source(tiny_model_dir):
+    """Doubling every source node at once (token embeddings, errors, features) moves each logit by the sum
+    of its row: the graph accounts for the whole logit, up to the constant biases."""
+    model = mri.load(tiny_model_dir("gpt2"))
+    rm = ReplacementModel(model, random_transcoders(model))
+    graph = attribute(PROMPT, rm, max_feature_nodes=None)
+    snap = rm.prepare(graph.input_ids)
+    errors = snap.errors
+    with torch.no_grad():
+        base = rm.run(snap)
+
+        def doubled_mlp(layer, x):
+            out = snap.mlp_out[layer] + errors[layer]
+            feats = snap.features[snap.features[:, 0] == layer]
+            acts = snap.activations[snap.features[:, 0] == layer]
+            dec = rm.transcoders.W_dec(layer, layer)[feats[:, 2]] * acts[:, None]
+            return out.index_add(0, feats[:, 1], dec)
+
+        doubled = rm.frozen_pass(snap, doubled_mlp, embed=2 * snap.embed[None])
+    for k in range(graph.n_logits):
+        token = int(graph.logit_ids[k])
+        moved = rm.logit_effect(doubled, token) - rm.logit_effect(base, token)
+        torch.testing.assert_close(
+            moved[0], graph.adjacency[graph.logit_index(k)].sum(), rtol=1e-3, atol=1e-3
+        )
+
+
+def test_max_feature_nodes_bounds_the_graph(tiny_model_dir):
+    model = mri.load(tiny_model_dir("llama"))
+    rm = ReplacementModel(model, random_transcoders(model, active=12))
+    full = attribute(PROMPT, rm, max_feature_nodes=None, batch_size=16)
+    small = attribute(PROMPT, rm, max_feature_nodes=20, batch_size=8, update_interval=1)
+    assert small.n_features == 20 < full.n_features
+    assert small.adjacency.shape == (small.n_nodes, small.n_nodes)
+    # the features kept are among the more influential ones of the full graph
+    from mri.trace.graph import node_influence
+
+    inf = node_influence(full)[: full.n_features]
+    rank = {tuple(f): r for r, f in enumerate(full.features[inf.argsort(descending=True)].tolist())}
+    kept = sorted(rank[tuple(f)] for f in small.features.tolist())
+    assert sum(r < 40 for r in kept) >= 15
+    # edges into kept features are the same as in the full graph
+    i = full.feature_index(*small.features[0].tolist())
+    cols = [full.feature_index(*f) for f in small.features.tolist()]
+    torch.testing.assert_close(small.adjacency[0, :20], full.adjacency[i, cols])
+
+
+def test_scores_are_shares(tiny_model_dir):
+    model = mri.load(tiny_model_dir("llama"))
+    rm = ReplacementModel(model, random_transcoders(model))
+    graph = attribute(PROMPT, rm, max_feature_nodes=None)
+    s = scores(graph)
+    assert 0 < s.replacement < 1 and 0 < s.completeness < 1
+    kept = prune(graph)
+    assert kept.node_mask[-graph.n_logits :].all()
