@@ -7,18 +7,68 @@ deep traceback.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
 
+from mri.atlas.commands import atlas, show
 from mri.data.commands import record
+from mri.dictionaries.commands import dict_app
 from mri.errors import MriError
+from mri.explain.commands import explain
+from mri.steer.commands import steer_app
+from mri.trace.commands import trace_app
 from mri.zoo.commands import zoo_app
 
 console = Console(stderr=True)
 _app = typer.Typer(help="mri: an MRI for AI.", no_args_is_help=True, pretty_exceptions_enable=False)
 _app.add_typer(zoo_app, name="zoo")
 _app.command("record")(record)
+_app.add_typer(dict_app, name="dict")
+_app.command("atlas")(atlas)
+_app.command("show")(show)
+_app.command("explain")(explain)
+_app.add_typer(steer_app, name="steer")
+_app.add_typer(trace_app, name="trace")
+
+
+@_app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("scan"), "--out", help="Scan folder to write."),
+    model: str = typer.Option("mri-base", "--model", help="Model folder or shipped organism."),
+    corpus: Path | None = typer.Option(None, "--corpus", help="Corpus (default: the shipped sample)."),
+    tokens: int = typer.Option(65536, "--tokens", help="Tokens to record."),
+) -> None:
+    """Run the whole pipeline on a shipped organism and the shipped corpus sample."""
+    from mri.demo import run_demo
+
+    run_demo(out, model, corpus, tokens)
+
+
+@_app.command("sites")
+def sites(
+    model: str = typer.Argument(..., help="Model folder, shipped organism name, or hub name."),
+    text: str = typer.Option(
+        "The model reads this.", help="A text whose forward pass shows each site's shape."
+    ),
+) -> None:
+    """List a model's sites with their shapes on a short text."""
+    from rich.table import Table
+
+    from mri.models import load
+
+    m = load(model)
+    ids = m.to_tokens(text)
+    out = m.run(ids, read=m.site_names, stop=False)
+    table = Table(title=f"{m.name}: {m.family}, {m.n_layers} blocks, d_model {m.d_model}")
+    for col in ("site", "short form", "shape", "mean |x|"):
+        table.add_column(col)
+    for name in m.site_names:
+        value = out.cache[name]
+        short = name.replace("blocks.", "L").replace(".hook_", ".").replace(".attn.hook_pattern", ".pattern")
+        table.add_row(name, short, str(tuple(value.shape)), f"{value.float().abs().mean():.3f}")
+    Console().print(table)
 
 
 def app() -> None:

@@ -243,11 +243,15 @@ def load(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
 ) -> Model:
-    """Load a causal LM and its tokenizer: a local folder, a shipped organism ('mri-base'), or a hub name."""
+    """Load a causal LM and its tokenizer: a local folder, a shipped organism ('mri-base'), or a hub name.
+
+    dtype: fp32 unless given (fp16 checkpoints such as the organisms are upcast: fp16 is slow and lossy on
+    CPU); pass "bf16" or "fp16" to run a large model in half precision on a GPU.
+    """
     from transformers import AutoModelForCausalLM
 
     path, name = _locate(name_or_path)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype) or torch.float32
     source = str(path) if path is not None else name
     if path is not None:
         _check_architecture(path)
