@@ -355,13 +355,17 @@ def _unwrap(saved):
     return value[0] if isinstance(value, tuple) else value
 
 
-def write_section(body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) this bench's `## record` section of RESULTS.md; other sections stay as they are."""
+def write_section(
+    body: str, heading: str = SECTION, script: str = "bench/record.py", path: Path = RESULTS
+) -> None:
+    """Replace (or append) one bench's `heading` section of RESULTS.md; other sections stay as they are.
+
+    Shared by every bench script (they import it from here)."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines()
-    section = [SECTION, "", f"`{' '.join(['python', 'bench/record.py', *sys.argv[1:]])}`", "", body, ""]
-    if SECTION in lines:
-        start = lines.index(SECTION)
+    section = [heading, "", f"`{' '.join(['python', script, *sys.argv[1:]])}`", "", body, ""]
+    if heading in lines:
+        start = lines.index(heading)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         lines[start:end] = section
     else:

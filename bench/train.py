@@ -335,20 +335,6 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(report)
 
 
-def write_section(body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) this bench's section of RESULTS.md; other sections stay as they are."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    section = [SECTION, "", f"`{' '.join(['python', 'bench/train.py', *sys.argv[1:]])}`", "", body, ""]
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-    else:
-        lines += ["", *section]
-    path.write_text("\n".join(lines).rstrip("\n") + "\n")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["256x4096", "768x16384"], help="d_in x latents")
@@ -378,7 +364,9 @@ def main() -> None:
     body = run(args)
     print(body)
     if not args.no_write:
-        write_section(body)
+        from record import write_section
+
+        write_section(body, SECTION, "bench/train.py")
         print(f"\nwrote the {SECTION!r} section of {RESULTS}", file=sys.stderr)
 
 
