@@ -10,7 +10,6 @@ import math
 import shlex
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -18,22 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from mri.atlas import Atlas, build_atlas
+from mri.data.corpus import sample_corpus
 from mri.data.reader import ActivationStore
 from mri.data.record import record
 from mri.data.store import write_json_atomic
 from mri.dictionaries import DictConfig, TrainConfig, Trainer, build, save
 from mri.dictionaries.metrics import evaluate_on_batches, write_report
-from mri.errors import MriError
 from mri.explain.run import explain_atlas
 from mri.models import Model, load
-
-
-def sample_corpus() -> Path:
-    """The corpus sample shipped with mri (a stratified slice of the zoo corpus, a few MB of parquet)."""
-    path = Path(str(resources.files("mri.zoo") / "samples" / "corpus-sample.parquet"))
-    if not path.is_file():
-        raise MriError(f"the shipped corpus sample {path} is missing; reinstall mri or pass --corpus")
-    return path
 
 
 def site_summary(store: ActivationStore, site: str, max_tokens: int = 65536) -> dict[str, float]:

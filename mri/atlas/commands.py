@@ -38,7 +38,7 @@ def atlas(
     from mri.atlas.build import build_atlas
 
     if corpus is None:
-        from mri.demo import sample_corpus
+        from mri.data.corpus import sample_corpus
 
         corpus = sample_corpus()
     m = mri.load(model, device=device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -261,3 +262,11 @@ def tokenize_contexts(
         raise MriError(f"the corpus is too small to fill one context of {ctx_len} tokens")
     order = np.random.default_rng(seed).permutation(len(rows))
     return Contexts(*(np.stack([rows[i][k] for i in order]) for k in range(3)))
+
+
+def sample_corpus() -> Path:
+    """The corpus sample shipped with mri (a stratified slice of the zoo corpus, a few MB of parquet)."""
+    path = Path(str(resources.files("mri") / "zoo" / "samples" / "corpus-sample.parquet"))
+    if not path.is_file():
+        raise MriError(f"the shipped corpus sample {path} is missing; reinstall mri or pass --corpus")
+    return path

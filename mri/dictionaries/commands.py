@@ -61,7 +61,9 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Output folder (one dictionary) or parent (several).")],
     store: Annotated[Path | None, typer.Option("--store", help="Activation store from `mri record`.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model to stream activations from.")] = None,
-    corpus: Annotated[Path | None, typer.Option("--corpus", help="Corpus for --model (default: the shipped sample).")] = None,
+    corpus: Annotated[
+        Path | None, typer.Option("--corpus", help="Corpus for --model (default: the shipped sample).")
+    ] = None,
     arch: Annotated[str, typer.Option("--arch", help="topk | batchtopk | jumprelu | relu.")] = "topk",
     kind: Annotated[str, typer.Option("--kind", help="sae | transcoder | clt.")] = "sae",
     latents: Annotated[
@@ -96,7 +98,7 @@ def train(
     if (store is None) == (model is None):
         raise MriError("give either --store DIR or --model M with --corpus C")
     if model is not None and corpus is None:
-        from mri.demo import sample_corpus
+        from mri.data.corpus import sample_corpus
 
         corpus = sample_corpus()
     dev = _device(device)
@@ -198,7 +200,9 @@ def discard_checkpoint(folder: Path) -> None:
 def evaluate(
     dictionary: Annotated[Path, typer.Argument(help="Dictionary folder (ours or SAELens).")],
     model: Annotated[str | None, typer.Option("--model", help="Model to splice the dictionary into.")] = None,
-    corpus: Annotated[Path | None, typer.Option("--corpus", help="Corpus for --model (default: the shipped sample).")] = None,
+    corpus: Annotated[
+        Path | None, typer.Option("--corpus", help="Corpus for --model (default: the shipped sample).")
+    ] = None,
     store: Annotated[
         Path | None, typer.Option("--store", help="Store for reconstruction metrics only.")
     ] = None,
@@ -223,7 +227,7 @@ def evaluate(
     cfg = d.cfg
     if model is not None:
         if corpus is None:
-            from mri.demo import sample_corpus
+            from mri.data.corpus import sample_corpus
 
             corpus = sample_corpus()
         import mri

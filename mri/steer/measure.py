@@ -193,8 +193,7 @@ def measure(
 def neutral_prompts(n: int = 50, corpus: str | Path | None = None, words: int = 6) -> list[str]:
     """The first `words` words of `n` documents of `corpus` (default the shipped corpus sample), spread
     over the corpus: openings that favour no particular concept."""
-    from mri.data.corpus import iter_documents
-    from mri.demo import sample_corpus
+    from mri.data.corpus import iter_documents, sample_corpus
 
     docs = [d for d in iter_documents(corpus or sample_corpus()) if len(d.split()) >= words]
     if len(docs) < n:
