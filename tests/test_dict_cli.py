@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from typer.testing import CliRunner
 
 import mri
 from mri.data.record import record
-from mri.dictionaries import DictConfig, build, load
+from mri.dictionaries import DictConfig, build, load, read_manifest
 from mri.dictionaries.commands import dict_app, evaluate, train
 from mri.dictionaries.metrics import evaluate_on_model
 from mri.errors import MriError
@@ -143,6 +146,8 @@ def test_bad_inputs_say_what_is_wrong(tmp_path, store, tiny_model_dir, corpus):
         train(sites=["L9.resid_post"], model=str(tiny_model_dir("llama")), corpus=corpus, **common)
     with pytest.raises(MriError, match="either"):
         train(sites=["L1.resid_post"], **common)
+    with pytest.raises(MriError, match="k must be between 1 and n_latents"):
+        train(sites=["L1.resid_post"], store=store, **{**common, "k": 17})
     with pytest.raises(MriError, match="IN:OUT"):
         train(sites=["L1.resid_post"], store=store, kind="transcoder", **common)
     with pytest.raises(MriError, match="ran out"):
@@ -173,6 +178,77 @@ def test_resume_picks_up_the_checkpoint(tmp_path, store, monkeypatch):
     assert (tmp_path / "a.ckpt" / "trainer.json").is_file()
     train(out=tmp_path / "a", resume=True, **common)  # nothing left to train: same weights again
     first = load(tmp_path / "a")
-    with pytest.raises(MriError, match="other dictionaries"):
+    with pytest.raises(MriError, match=r"other settings .*n_latents: 32 -> 64"):
         train(out=tmp_path / "a", resume=True, **{**common, "latents": 64})
+    with pytest.raises(MriError, match=r"lr: None -> 0.01"):
+        train(out=tmp_path / "a", resume=True, **{**common, "lr": 0.01})
+    train(out=tmp_path / "a", resume=True, **{**common, "checkpoint_every": 5})  # harmless to change
     assert first.cfg.n_latents == 32
+
+
+def test_a_config_that_does_not_fit_is_refused_before_training(tmp_path, store):
+    from mri.dictionaries.memory import free_bytes
+
+    latents = free_bytes("cpu") // (4 * 4 * 32) + 1  # weights + gradients + Adam alone exceed the free memory
+    result = CliRunner().invoke(
+        dict_app,
+        ["train", "--store", str(store), "--site", "L1.resid_post", "--latents", str(latents), "--k", "4"]
+        + ["--tokens", "512", "--batch-size", "256", "--out", str(tmp_path / "big"), "--device", "cpu"],
+    )
+    assert isinstance(result.exception, MriError), result.output
+    message = str(result.exception)
+    assert "free" in message and "smaller --batch-size" in message and "fewer --latents" in message
+    assert "memory:" in result.output and not (tmp_path / "big").exists()
+
+
+def test_evaluating_on_sites_of_another_width_is_refused(tmp_path, store):
+    from mri.dictionaries import save
+
+    cfg = DictConfig(
+        kind="sae",
+        arch="topk",
+        d_in=16,
+        n_latents=32,
+        k=4,
+        sites_in=["blocks.1.hook_resid_post"],
+        sites_out=["blocks.1.hook_resid_post"],
+    )
+    save(build(cfg), tmp_path / "narrow")
+    with pytest.raises(
+        MriError, match="width 32 at blocks.1.hook_resid_post, but the dictionary's d_in is 16"
+    ):
+        evaluate(tmp_path / "narrow", store=store, device="cpu")
+
+
+def test_torchrun_trains_what_one_process_trains(tmp_path, store):
+    """`torchrun --nproc-per-node 2 mri dict train` splits each batch over two gloo ranks and writes the
+    dictionary one process writes; rank 1 writes nothing."""
+    args = ["--store", str(store), "--site", "L1.resid_post", "--latents", "48", "--k", "4"]
+    args += ["--tokens", "2048", "--batch-size", "256", "--checkpoint-every", "3", "--device", "cpu"]
+    script = tmp_path / "cli.py"
+    script.write_text("from mri.dictionaries.commands import dict_app\n\ndict_app()\n")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*cmd, "train", *args, "--out", "two", "--quiet"],
+        cwd=runs, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("dictionary written") == 1 and "memory:" in done.stdout
+    assert sorted(p.name for p in runs.iterdir()) == ["two"]  # no checkpoint left, nothing from rank 1
+    assert read_manifest(runs / "two")["processes"] == 2
+    result = CliRunner().invoke(dict_app, ["train", *args, "--out", str(tmp_path / "one"), "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    one, two = load(tmp_path / "one"), load(runs / "two")
+    for name, want in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], want, rtol=1e-5, atol=1e-6, msg=name)

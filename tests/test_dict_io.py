@@ -109,3 +109,31 @@ def test_bad_folders_are_refused(tmp_path):
     (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MriError, match="does not match"):
         load(tmp_path / "d")
+
+
+def test_files_that_are_not_dictionaries_are_refused(tmp_path):
+    save(_trained_like("sae", "topk"), tmp_path / "d")
+    with pytest.raises(MriError, match="is a file, not a dictionary"):
+        load(tmp_path / "d" / "dictionary.safetensors")
+    config = tmp_path / "d" / "config.json"
+    good = config.read_text()
+    for text, match in [
+        ("{not json", "is not a dictionary config: it is not JSON"),
+        ("[1, 2]", "holds a JSON list"),
+        ('{"kind": "sae", "arch": "topk"}', "not a dictionary config: it has no d_in, n_latents"),
+        (good.replace('"d_in": 12', '"d_in": "wide"'), "not a valid dictionary config"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(MriError, match=match):
+            load(tmp_path / "d")
+    config.write_text(good)
+    (tmp_path / "d" / "dictionary.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(MriError, match="is not a safetensors file"):
+        load(tmp_path / "d")
+    export_saelens(_trained_like("sae", "relu"), tmp_path / "sl")
+    (tmp_path / "sl" / "sae_weights.safetensors").unlink()
+    from safetensors.torch import save_file
+
+    save_file({"W_enc": torch.zeros(3, 4)}, str(tmp_path / "sl" / "sae_weights.safetensors"))
+    with pytest.raises(MriError, match="has no b_enc, W_dec, b_dec"):
+        load(tmp_path / "sl")

@@ -192,6 +192,7 @@ def test_training_needs_every_site_in_the_batches():
         ({"arch": "gated"}, "unknown architecture"),
         ({"kind": "vae"}, "unknown dictionary kind"),
         ({"k": 0}, "k must be"),
+        ({"k": 9}, r"k must be between 1 and n_latents \(8\), got 9"),
         ({"sites_out": ["other"]}, "same site"),
     ],
 )
@@ -225,3 +226,101 @@ def test_schedules_warm_up_and_decay():
     assert lr[0] == 0.01 and lr[99] == 1.0 and lr[500] == 1.0
     assert lr[999] == pytest.approx(1 / 200) and all(a >= b for a, b in zip(lr[800:], lr[801:], strict=False))
     assert trainer.sparsity_factor(0) == pytest.approx(1 / 50) and trainer.sparsity_factor(49) == 1.0
+
+
+def _clt_dead_fraction(auxk: bool) -> float:
+    """Held-out fraction of never-active latents of a TopK CLT trained at a high LR (which kills latents)."""
+    from mri.dictionaries.metrics import evaluate_on_batches
+
+    toy = ToyFeatures(n_features=256, d=32, p=0.02, seed=0)
+    mix = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 32**0.5
+
+    def batches(seed: int):
+        for b in toy.batches(256, site="a", seed=seed):
+            yield {"a": b["a"], "b": b["a"] @ mix}
+
+    cfg = DictConfig(
+        kind="clt", arch="topk", d_in=32, n_latents=512, k=4, sites_in=["a", "b"], sites_out=["b", "a"]
+    )
+    tcfg = TrainConfig(tokens=100 * 256, batch_size=256, lr=3e-2, auxk=auxk, dead_tokens=4 * 256)
+    trainer = Trainer([build(cfg)], tcfg)
+    trainer.fit(batches(1), progress=False)
+    if auxk:
+        assert trainer.metrics[0]["auxk"] > 0
+    metrics, _ = evaluate_on_batches(trainer.finished()[0], batches(99), max_tokens=16384)
+    return metrics["dead_fraction"]
+
+
+def test_auxk_revives_dead_clt_latents(one_thread):
+    without, with_auxk = _clt_dead_fraction(False), _clt_dead_fraction(True)
+    assert without > 0.2 and with_auxk < 0.75 * without
+
+
+def test_clt_auxk_is_the_residual_fit_of_the_dead_latents():
+    """The CLT's AuxK loss equals the FVU of each layer's residual fitted by its dead latents, computed by
+    hand from the weights."""
+    from mri.dictionaries.sparse_coder import fvu
+
+    cfg = DictConfig(
+        kind="clt", arch="topk", d_in=6, n_latents=10, k=2, sites_in=["a", "b"], sites_out=["c", "d"]
+    )
+    clt = build(cfg, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(16, 6, generator=gen) for _ in range(2)]
+    ys = [torch.randn(16, 6, generator=gen) for _ in range(2)]
+    dead = torch.zeros(2, 10, dtype=torch.bool)
+    dead[1, :5] = True  # only layer 1 has dead latents (5 of them); aux_k 3 of them per row
+    out = clt(xs, ys, dead=dead, aux_k=3)
+    pre = (xs[1] @ clt.W_enc[1].T + clt.b_enc[1]).detach()
+    top = pre.masked_fill(~dead[1], float("-inf")).topk(3, dim=1).indices
+    acts = torch.zeros(16, 10).scatter(1, top, pre.gather(1, top))  # linear, as the dead latents' values
+    residual = ys[1] - out.outputs[1].detach()
+    want = fvu(residual, acts @ clt.W_dec[1][0]) / 2  # one layer of two has dead latents
+    torch.testing.assert_close(out.auxk_loss, want)
+
+
+def test_nan_activations_stop_training_naming_the_batch():
+    cfg = DictConfig(kind="sae", arch="topk", d_in=4, n_latents=8, k=2, sites_in=["a"], sites_out=["a"])
+    trainer = Trainer([build(cfg)], TrainConfig(tokens=64 * 5, batch_size=64))
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"a": torch.randn(64, 4, generator=gen)} for _ in range(5)]
+    batches[3]["a"][7, 2] = float("inf")
+    with pytest.raises(MriError, match=r"batch 3 \(tokens 192 to 256\) holds NaN or inf activations at a"):
+        trainer.fit(batches, progress=False)
+    assert trainer.step == 3 and all(torch.isfinite(p).all() for p in trainer.dicts[0].parameters())
+
+
+def test_dictionary_widths_must_match_the_site():
+    cfg = DictConfig(
+        kind="transcoder", arch="relu", d_in=4, d_out=6, n_latents=8, sites_in=["a"], sites_out=["b"]
+    )
+    trainer = Trainer([build(cfg)], TrainConfig(tokens=64, batch_size=32))
+    with pytest.raises(MriError, match=r"site b gives activations of shape \(32, 5\).* has d_out 6"):
+        trainer.train_step({"a": torch.randn(32, 4), "b": torch.randn(32, 5)})
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder", "clt"])
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_memory_estimate_counts_the_weights_exactly(kind, arch):
+    from mri.dictionaries.memory import estimate, parameter_count
+
+    n = 3 if kind == "clt" else 1
+    sites_in = [f"in{i}" for i in range(n)] if kind != "sae" else ["x"]
+    sites_out = [f"out{i}" for i in range(n)] if kind != "sae" else ["x"]
+    cfg = DictConfig(
+        kind=kind,
+        arch=arch,
+        d_in=12,
+        d_out=10 if kind != "sae" else 12,
+        n_latents=40,
+        k=5,
+        sites_in=sites_in,
+        sites_out=sites_out,
+        skip=kind != "sae",
+    )
+    numbers = sum(p.numel() for p in build(cfg).parameters())
+    assert parameter_count(cfg) == numbers
+    one = estimate([cfg, cfg], TrainConfig(tokens=512, batch_size=256))
+    two = estimate([cfg, cfg], TrainConfig(tokens=512, batch_size=256), processes=2)
+    assert one.weights == one.gradients == one.adam / 2 == 2 * 4 * numbers
+    assert two.weights == one.weights and two.rows == 128 and two.activations < one.activations

@@ -7,11 +7,14 @@ TopK and BatchTopK pick (row, latent) pairs from dense pre-activations; the valu
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from mri.dictionaries.sparse_kernels import row_offsets
+
+if TYPE_CHECKING:
+    from mri.dictionaries.distributed import Ranks
 
 
 class Pairs(NamedTuple):
@@ -33,12 +36,26 @@ def topk_pairs(pre: torch.Tensor, k: int) -> Pairs:
     return Pairs(rows, latents, torch.arange(0, batch * k, k, device=pre.device))
 
 
-def batchtopk_pairs(pre: torch.Tensor, k: int) -> Pairs:
-    """The k * batch largest positive pre-activations of the whole batch, however they fall across rows."""
+def batchtopk_pairs(pre: torch.Tensor, k: int, ranks: Ranks | None = None) -> Pairs:
+    """The k * batch largest positive pre-activations of the whole batch, however they fall across rows.
+
+    With data-parallel `ranks`, pre holds this rank's rows and the selection is over the global batch: each
+    rank offers its k * global_batch best, and all keep what reaches the k * global_batch-th of the union.
+    """
     batch, n = pre.shape
     flat = pre.reshape(-1)
-    top = flat.topk(min(k * batch, flat.numel()), sorted=False)
-    chosen = top.indices[top.values > 0].sort().values
+    if ranks is None or ranks.single:
+        top = flat.topk(min(k * batch, flat.numel()), sorted=False)
+        keep = top.values > 0
+    else:
+        want = k * int(ranks.rows(batch, pre.device))
+        top = flat.topk(min(want, flat.numel()), sorted=False)
+        offered = top.values.new_full((want,), float("-inf"))
+        offered[: top.values.numel()] = top.values
+        union = ranks.cat(offered)
+        cut = union.topk(min(want, union.numel()), sorted=False).values.min()
+        keep = (top.values >= cut) & (top.values > 0)
+    chosen = top.indices[keep].sort().values
     rows = torch.div(chosen, n, rounding_mode="floor")
     return Pairs(rows, chosen - rows * n, row_offsets(rows, batch))
 

@@ -8,15 +8,18 @@ d_in, d_out). Layer t's output is sum over l <= t of decode(latents_l, W_dec.{l}
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
 from mri.dictionaries.activations import step
 from mri.dictionaries.config import DictConfig
-from mri.dictionaries.sparse_coder import Latents, encode_latents, fvu
+from mri.dictionaries.sparse_coder import Latents, auxk_loss, encode_latents, fvu, row_mean, track_threshold
 from mri.dictionaries.sparse_kernels import sparse_decode
+
+if TYPE_CHECKING:
+    from mri.dictionaries.distributed import Ranks
 
 
 class CLTForwardOutput(NamedTuple):
@@ -29,7 +32,8 @@ class CLTForwardOutput(NamedTuple):
     fvu: torch.Tensor
     """Mean over layers of each layer's fraction of variance unexplained."""
     auxk_loss: torch.Tensor
-    """Always 0: CLTs train without AuxK."""
+    """AuxK loss: mean over layers of how well each layer's top dead latents reconstruct the residuals of
+    the layers they write (0 when none are dead)."""
     sparsity_loss: torch.Tensor
     """Decoder-norm-weighted L1 (relu) or L0 (jumprelu) summed over layers, else 0."""
 
@@ -87,7 +91,7 @@ class CrossLayerTranscoder(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------------
     def latents(
-        self, xs: list[torch.Tensor], *, sparse_kernels: bool = True
+        self, xs: list[torch.Tensor], *, sparse_kernels: bool = True, ranks: Ranks | None = None
     ) -> tuple[list[Latents], list[torch.Tensor]]:
         """Per layer, the latents of xs[l] (batch, d_in) and their pre-activations."""
         cfg = self.cfg
@@ -103,6 +107,7 @@ class CrossLayerTranscoder(nn.Module):
                 cfg.jumprelu_bandwidth,
                 training=self.training,
                 sparse_kernels=sparse_kernels,
+                ranks=ranks,
             )
             out.append(lat)
             pres.append(pre)
@@ -158,34 +163,48 @@ class CrossLayerTranscoder(nn.Module):
         xs: list[torch.Tensor],
         ys: list[torch.Tensor],
         *,
+        dead: torch.Tensor | None = None,
+        aux_k: int | None = None,
         sparse_kernels: bool = True,
+        ranks: Ranks | None = None,
     ) -> CLTForwardOutput:
-        """Reconstruct every ys[t] (batch, d_out) from xs[l <= t] (batch, d_in)."""
-        latents, pres = self.latents(xs, sparse_kernels=sparse_kernels)
+        """Reconstruct every ys[t] (batch, d_out) from xs[l <= t] (batch, d_in).
+
+        With a `dead` mask (n_layers, n_latents), layer l's top `aux_k` (default d_out / 2) dead latents
+        fit the residuals of the layers t >= l they write (AuxK). With data-parallel `ranks`, xs and ys
+        are this rank's rows and the losses are its shares of the global batch's."""
+        latents, pres = self.latents(xs, sparse_kernels=sparse_kernels, ranks=ranks)
         if sparse_kernels:
             outs = self.decode_latents(latents, xs)
         else:
             outs = self.decode([lat.dense(self.cfg.n_latents) for lat in latents], xs)
-        loss = torch.stack([fvu(y, o) for y, o in zip(ys, outs, strict=True)]).mean()
-        sparsity = loss.new_zeros(())
+        loss = torch.stack([fvu(y, o, ranks) for y, o in zip(ys, outs, strict=True)]).mean()
+        zero = loss.new_zeros(())
+        auxk = zero
+        if dead is not None and bool(dead.any()):
+            aux_k = aux_k or max(self.cfg.d_out // 2, 1)
+            residuals = [y - o.detach() for y, o in zip(ys, outs, strict=True)]
+            for src in range(self.n_layers):
+                if bool(dead[src].any()):
+                    x, W_enc, b_enc, W_decs = xs[src], self.W_enc[src], self.b_enc[src], list(self.W_dec[src])
+                    auxk = auxk + auxk_loss(
+                        x, residuals[src:], pres[src], dead[src], aux_k, W_enc, b_enc, W_decs, ranks
+                    )
+            auxk = auxk / self.n_layers
+        sparsity = zero
         d = self.cfg.d_out
         for layer, (lat, pre) in enumerate(zip(latents, pres, strict=True)):
             if self.cfg.arch == "relu":
-                sparsity = sparsity + (lat.values * self.decoder_norms(layer)).sum(-1).mean() / d
+                sparsity = sparsity + row_mean((lat.values * self.decoder_norms(layer)).sum(-1), ranks) / d
             elif self.cfg.arch == "jumprelu":
                 l0 = step(pre, self.threshold(layer), self.cfg.jumprelu_bandwidth)
-                sparsity = sparsity + l0.sum(-1).mean() / d
+                sparsity = sparsity + row_mean(l0.sum(-1), ranks) / d
         if self.training and self.cfg.arch == "batchtopk":
-            self._track_thresholds(latents)
-        return CLTForwardOutput(outs, latents, loss, loss.new_zeros(()), sparsity)
-
-    @torch.no_grad()
-    def _track_thresholds(self, latents: list[Latents]) -> None:
-        for layer, lat in enumerate(latents):
-            positive = lat.values[lat.values > 0]
-            if positive.numel():
-                low, old = positive.min(), self.batch_threshold[layer]
-                self.batch_threshold[layer] = low if old <= 0 else 0.99 * old + 0.01 * low
+            with torch.no_grad():
+                for layer, lat in enumerate(latents):
+                    old = self.batch_threshold[layer]
+                    self.batch_threshold[layer] = track_threshold(old, lat, ranks)
+        return CLTForwardOutput(outs, latents, loss, auxk, sparsity)
 
     def remove_parallel_grads(self) -> None:
         """No-op: CLT decoders are not norm-constrained (their L1 and folding use the norms instead)."""

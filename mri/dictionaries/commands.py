@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import sys
@@ -92,8 +93,13 @@ def train(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, ...")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--quiet")] = True,
 ) -> None:
-    """Train sparse dictionaries at SITES, from an activation store or streamed from a model."""
-    from mri.dictionaries import DictConfig, TrainConfig, Trainer, build, save
+    """Train sparse dictionaries at SITES, from an activation store or streamed from a model.
+
+    Under `torchrun --nproc-per-node N`, N data-parallel processes train the same dictionaries: each
+    steps on its share of every global batch of --batch-size tokens, the gradients are summed, and rank 0
+    alone writes checkpoints and outputs.
+    """
+    from mri.dictionaries.distributed import process_group
 
     if (store is None) == (model is None):
         raise MriError("give either --store DIR or --model M with --corpus C")
@@ -101,7 +107,70 @@ def train(
         from mri.data.corpus import sample_corpus
 
         corpus = sample_corpus()
-    dev = _device(device)
+    with process_group(_device(device)) as (ranks, dev):
+        _train(
+            ranks,
+            dev,
+            sites=sites,
+            out=out,
+            store=store,
+            model=model,
+            corpus=corpus,
+            arch=arch,
+            kind=kind,
+            latents=latents,
+            k=k,
+            tokens=tokens,
+            batch_size=batch_size,
+            lr=lr,
+            sparsity_coef=sparsity_coef,
+            skip=skip,
+            b_dec_init=b_dec_init,
+            autocast=autocast,
+            ctx=ctx,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            progress=progress,
+        )
+
+
+def _train(
+    ranks: Any,
+    dev: str,
+    *,
+    sites: list[str],
+    out: Path,
+    store: Path | None,
+    model: str | None,
+    corpus: Path | None,
+    arch: str,
+    kind: str,
+    latents: int,
+    k: int,
+    tokens: int,
+    batch_size: int,
+    lr: float | None,
+    sparsity_coef: float | None,
+    skip: bool,
+    b_dec_init: str,
+    autocast: bool,
+    ctx: int,
+    seed: int,
+    checkpoint_every: int,
+    resume: bool,
+    progress: bool,
+) -> None:
+    """`train` on this process's rank."""
+    from mri.dictionaries import TrainConfig, Trainer, build, save
+    from mri.dictionaries.config import differences
+    from mri.dictionaries.memory import check_fits, estimate
+
+    if batch_size % ranks.world:
+        raise MriError(
+            f"--batch-size {batch_size} does not split over {ranks.world} processes; use a multiple of "
+            f"{ranks.world}"
+        )
     pairs = site_pairs(sites, kind)
     if store is not None:
         from mri.data.reader import ActivationStore
@@ -117,6 +186,104 @@ def train(
         pairs = [(m.resolve_site(a), m.resolve_site(b)) for a, b in pairs]
         width = m.site_dim
         fingerprint = m.fingerprint()
+    cfgs = dict_configs(pairs, kind, arch, latents, k, skip, width, fingerprint)
+    tcfg = TrainConfig(
+        tokens=tokens,
+        batch_size=batch_size,
+        lr=lr,
+        sparsity_coef=sparsity_coef,
+        b_dec_init=b_dec_init,
+        autocast=autocast,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    need = estimate(cfgs, tcfg, processes=ranks.world)
+    if ranks.main:
+        typer.echo(f"memory: {need.describe()}")
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dev == "cpu" else 1
+    refusal = None
+    try:
+        check_fits(need, dev, sharing=sharing)
+    except MriError as e:
+        refusal = e
+    if ranks.any(refusal is not None):  # every rank stops, or none
+        raise refusal or MriError("another process has too little memory to train; see its message")
+    ckpt = out.with_name(out.name + ".ckpt")
+    if resume and ckpt.is_dir():
+        trainer = Trainer.resume(ckpt, device=dev, ranks=ranks)
+        changed = [
+            f"dictionary {i}: {change}"
+            for i, (old, new) in enumerate(zip([d.cfg for d in trainer.dicts], cfgs, strict=False))
+            for change in differences(old, new)
+        ]
+        if len(trainer.dicts) != len(cfgs):
+            changed.append(f"dictionaries: {len(trainer.dicts)} -> {len(cfgs)}")
+        changed += differences(trainer.cfg, tcfg, ignore=("checkpoint_every",))
+        if changed:
+            raise MriError(
+                f"{ckpt} was trained with other settings than these options ask for ({'; '.join(changed)}); "
+                "resume with the same options, or delete it or drop --resume to start afresh"
+            )
+    else:
+        trainer = Trainer(
+            [build(c, seed=seed + i) for i, c in enumerate(cfgs)], tcfg, device=dev, ranks=ranks
+        )
+    all_sites = trainer.sites
+    local_batch = batch_size // ranks.world
+    if store is not None:
+        batches = ranks.split(_store_batches(src, all_sites, batch_size, seed))
+    else:
+        from itertools import islice
+
+        from mri.data.corpus import iter_documents
+        from mri.data.reader import stream_from_model
+
+        batches = stream_from_model(
+            m,
+            islice(iter_documents(corpus), ranks.rank, None, ranks.world),
+            all_sites,
+            local_batch,
+            buffer_tokens=max(8 * local_batch, 1 << 16),
+            ctx_len=ctx,
+            seed=seed + ranks.rank,
+            drop_last=True,
+        )
+    trainer.fit(batches, progress=progress, checkpoint=ckpt if checkpoint_every else None)
+    if not ranks.main:
+        return
+    command = "mri " + shlex.join(sys.argv[1:])
+    finished = trainer.finished()
+    for d, metrics in zip(finished, trainer.metrics, strict=True):
+        folder = out if len(finished) == 1 else out / d.cfg.sites_in[0]
+        save(
+            d,
+            folder,
+            provenance={
+                "training_tokens": trainer.step * batch_size,
+                "train_config": trainer.cfg.to_dict(),
+                "processes": ranks.world,
+                "source": str(store) if store is not None else f"{model} on {corpus}",
+                "command": command,
+                "final_train_metrics": metrics,
+            },
+        )
+        typer.echo(f"dictionary written: {folder}  (fvu {metrics['fvu']:.3f}, l0 {metrics['l0']:.1f})")
+    discard_checkpoint(ckpt)
+
+
+def dict_configs(
+    pairs: list[tuple[str, str]],
+    kind: str,
+    arch: str,
+    latents: int,
+    k: int,
+    skip: bool,
+    width: Any,
+    fingerprint: str | None,
+) -> list[Any]:
+    """The `DictConfig`s that `mri dict train` builds for (input, output) site `pairs` of widths `width`."""
+    from mri.dictionaries import DictConfig
+
     groups = [pairs] if kind == "clt" else [[p] for p in pairs]
     cfgs = []
     for group in groups:
@@ -137,59 +304,20 @@ def train(
                 model_fingerprint=fingerprint,
             )
         )
-    tcfg = TrainConfig(
-        tokens=tokens,
-        batch_size=batch_size,
-        lr=lr,
-        sparsity_coef=sparsity_coef,
-        b_dec_init=b_dec_init,
-        autocast=autocast,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
-    ckpt = out.with_name(out.name + ".ckpt")
-    if resume and ckpt.is_dir():
-        trainer = Trainer.resume(ckpt, device=dev)
-        if [d.cfg for d in trainer.dicts] != cfgs:
-            raise MriError(
-                f"{ckpt} holds other dictionaries than these options ask for; delete it or drop --resume"
-            )
-    else:
-        trainer = Trainer([build(c, seed=seed + i) for i, c in enumerate(cfgs)], tcfg, device=dev)
-    all_sites = trainer.sites
-    if store is not None:
-        batches = _store_batches(src, all_sites, batch_size, seed)
-    else:
-        from mri.data.reader import stream_from_model
+    return cfgs
 
-        batches = stream_from_model(
-            m,
-            corpus,
-            all_sites,
-            batch_size,
-            buffer_tokens=max(8 * batch_size, 1 << 16),
-            ctx_len=ctx,
-            seed=seed,
-            drop_last=True,
-        )
-    trainer.fit(batches, progress=progress, checkpoint=ckpt if checkpoint_every else None)
-    command = "mri " + shlex.join(sys.argv[1:])
-    finished = trainer.finished()
-    for d, metrics in zip(finished, trainer.metrics, strict=True):
-        folder = out if len(finished) == 1 else out / d.cfg.sites_in[0]
-        save(
-            d,
-            folder,
-            provenance={
-                "training_tokens": trainer.step * batch_size,
-                "train_config": trainer.cfg.to_dict(),
-                "source": str(store) if store is not None else f"{model} on {corpus}",
-                "command": command,
-                "final_train_metrics": metrics,
-            },
-        )
-        typer.echo(f"dictionary written: {folder}  (fvu {metrics['fvu']:.3f}, l0 {metrics['l0']:.1f})")
-    discard_checkpoint(ckpt)
+
+def check_widths(cfg: Any, width: Any, source: str) -> None:
+    """MriError unless every site of the dictionary `cfg` has, in `source`, the width the dictionary
+    expects; `width(site)` gives it."""
+    for sites, want, what in ((cfg.sites_in, cfg.d_in, "d_in"), (cfg.sites_out, cfg.d_out, "d_out")):
+        for s in sites:
+            got = width(s)
+            if got != want:
+                raise MriError(
+                    f"{source} has width {got} at {s}, but the dictionary's {what} is {want}: it was trained "
+                    "on another model or site"
+                )
 
 
 def discard_checkpoint(folder: Path) -> None:
@@ -234,8 +362,7 @@ def evaluate(
         from mri.data.corpus import iter_documents, tokenize_contexts
 
         m = mri.load(model, device=dev)
-        for s in [*cfg.sites_in, *cfg.sites_out]:
-            m.resolve_site(s)
+        check_widths(cfg, lambda s: m.site_dim(m.resolve_site(s)), model)
         if cfg.model_fingerprint and cfg.model_fingerprint != m.fingerprint():
             typer.echo(f"warning: {dictionary} was trained on another model (fingerprint differs)", err=True)
         n_ctx = max(1, tokens // ctx)
@@ -250,8 +377,7 @@ def evaluate(
 
         src = ActivationStore(store)
         sites = list(dict.fromkeys([*cfg.sites_in, *cfg.sites_out]))
-        for s in sites:
-            src.site(s)
+        check_widths(cfg, src.d, str(store))
         batches = src.batches(sites, 4096, shuffle=False)
         metrics, density = evaluate_on_batches(d, batches, max_tokens=tokens)
         metrics["source"] = str(store)

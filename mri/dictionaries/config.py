@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from mri.errors import MriError
@@ -75,8 +75,16 @@ class DictConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DictConfig:
+        """The config saved as `data` (config.json); MriError naming what is missing or wrong."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise MriError(f"not a dictionary config: it has no {', '.join(missing)}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise MriError(f"not a valid dictionary config: {e}") from e
 
 
 @dataclass
@@ -153,3 +161,12 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def differences(old: Any, new: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'field: old -> new' for each field in which two configs of one dataclass differ."""
+    return [
+        f"{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+        for f in fields(old)
+        if f.name not in ignore and getattr(old, f.name) != getattr(new, f.name)
+    ]

@@ -83,6 +83,10 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> Any:
     from mri.dictionaries.trainer import build
 
     folder = Path(folder)
+    if folder.is_file():
+        raise MriError(
+            f"{folder} is a file, not a dictionary: give the folder that holds {CONFIG} and {WEIGHTS}"
+        )
     if not folder.is_dir():
         raise MriError(f"dictionary folder {folder} does not exist")
     if (folder / SAELENS_CONFIG).is_file() and not (folder / CONFIG).is_file():
@@ -92,14 +96,33 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> Any:
             f"{folder} is not a dictionary: it needs {CONFIG} and {WEIGHTS} (ours) or "
             f"{SAELENS_CONFIG} and {SAELENS_WEIGHTS} (SAELens)"
         )
-    cfg = DictConfig.from_dict(json.loads((folder / CONFIG).read_text()))
+    cfg = DictConfig.from_dict(_read_json(folder / CONFIG, "a dictionary config"))
     dictionary = build(cfg, device=device)
-    state = load_file(str(folder / WEIGHTS), device=str(device))
+    state = _read_safetensors(folder / WEIGHTS, device)
     try:
         dictionary.load_state_dict(state)
     except RuntimeError as e:
         raise MriError(f"{folder / WEIGHTS} does not match {folder / CONFIG}: {e}") from e
     return dictionary.eval()
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; MriError if it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MriError(f"{path} is not {what}: it is not JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise MriError(f"{path} is not {what}: it holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors in `path`; MriError if it is not a safetensors file."""
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types, and OSError for short files
+        raise MriError(f"{path} is not a safetensors file ({e}); save the dictionary again") from e
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -162,7 +185,7 @@ def import_saelens(folder: str | Path, device: str | torch.device = "cpu") -> An
     for name in (SAELENS_CONFIG, SAELENS_WEIGHTS):
         if not (folder / name).is_file():
             raise MriError(f"{folder} is not an SAELens SAE: it has no {name}")
-    raw = json.loads((folder / SAELENS_CONFIG).read_text())
+    raw = _read_json(folder / SAELENS_CONFIG, "an SAELens config")
     meta = raw.get("metadata") or {}
     arch_name = raw.get("architecture") or raw.get("activation_fn_str") or "standard"
     if arch_name not in _SAELENS_ARCH:
@@ -174,7 +197,10 @@ def import_saelens(folder: str | Path, device: str | torch.device = "cpu") -> An
     arch = _SAELENS_ARCH[arch_name]
     k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k") or 32
     site = meta.get("hook_name") or raw.get("hook_name") or "unknown"
-    w = load_file(str(folder / SAELENS_WEIGHTS))
+    w = _read_safetensors(folder / SAELENS_WEIGHTS)
+    missing = [name for name in ("W_enc", "b_enc", "W_dec", "b_dec") if name not in w]
+    if missing:
+        raise MriError(f"{folder / SAELENS_WEIGHTS} is not an SAE's weights: it has no {', '.join(missing)}")
     W_enc = w["W_enc"].float()
     d_in, d_sae = W_enc.shape
     cfg = DictConfig(

@@ -9,7 +9,7 @@ number, a running estimate used at inference). Latent i reads x along W_enc[i] a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from mri.dictionaries.activations import (
 )
 from mri.dictionaries.config import DictConfig
 from mri.dictionaries.sparse_kernels import gather_preacts, sparse_decode
+
+if TYPE_CHECKING:
+    from mri.dictionaries.distributed import Ranks
 
 
 class Latents(NamedTuple):
@@ -71,10 +74,26 @@ class ForwardOutput(NamedTuple):
     """Sparsity penalty before its coefficient: decoder-norm-weighted L1 (relu), L0 (jumprelu), else 0."""
 
 
-def fvu(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """sum ||target - output||^2 / sum ||target - mean(target)||^2 over a (batch, d) batch."""
-    total = (target - target.mean(0)).pow(2).sum()
+def fvu(target: torch.Tensor, output: torch.Tensor, ranks: Ranks | None = None) -> torch.Tensor:
+    """sum ||target - output||^2 / sum ||target - mean(target)||^2 over a (batch, d) batch.
+
+    With data-parallel `ranks`, the batch is this rank's rows of a global batch: the denominator is the
+    global one, so the ranks' values sum to the global FVU.
+    """
+    if ranks is None or ranks.single:
+        total = (target - target.mean(0)).pow(2).sum()
+    else:
+        with torch.no_grad():
+            mean = ranks.sum(target.sum(0)) / ranks.rows(target.shape[0], target.device)
+            total = ranks.sum((target - mean).pow(2).sum())
     return (target - output).pow(2).sum() / total.clamp_min(1e-12)
+
+
+def row_mean(per_row: torch.Tensor, ranks: Ranks | None = None) -> torch.Tensor:
+    """Mean of per_row (batch,) over the batch; with `ranks`, this rank's share of the global mean."""
+    if ranks is None or ranks.single:
+        return per_row.mean()
+    return per_row.sum() / ranks.rows(per_row.shape[0], per_row.device)
 
 
 def encode_latents(
@@ -88,11 +107,13 @@ def encode_latents(
     *,
     training: bool,
     sparse_kernels: bool = True,
+    ranks: Ranks | None = None,
 ) -> tuple[Latents, torch.Tensor]:
     """Latents of x (batch, d_in) under encoder W (n_latents, d_in), b; also the pre-activations.
 
     The pre-activations are returned without grad for TopK and BatchTopK (their grads flow through the
-    gathered pairs only, unless `sparse_kernels` is off, the dense reference path).
+    gathered pairs only, unless `sparse_kernels` is off, the dense reference path). BatchTopK in training
+    selects over the global batch of data-parallel `ranks`.
     """
     if arch in ("topk", "batchtopk"):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse_kernels):
@@ -100,7 +121,7 @@ def encode_latents(
         if arch == "topk":
             pairs = topk_pairs(pre.detach(), k)
         elif training:
-            pairs = batchtopk_pairs(pre.detach(), k)
+            pairs = batchtopk_pairs(pre.detach(), k, ranks)
         else:
             pairs = threshold_pairs(pre.detach(), threshold)
         if sparse_kernels:
@@ -112,6 +133,50 @@ def encode_latents(
     if arch == "jumprelu":
         return Latents(jumprelu(pre, threshold, bandwidth), None), pre
     return Latents(torch.relu(pre), None), pre
+
+
+def auxk_loss(
+    x: torch.Tensor,
+    residuals: list[torch.Tensor],
+    pre: torch.Tensor,
+    dead: torch.Tensor,
+    aux_k: int,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_decs: list[torch.Tensor],
+    ranks: Ranks | None = None,
+) -> torch.Tensor:
+    """AuxK: how well each row's top `aux_k` dead latents reconstruct what the live ones left.
+
+    x (batch, d_in) is the encoder's input, pre (batch, n_latents) its pre-activations and dead
+    (n_latents,) the dead mask. The dead latents (at their pre-activations, unrectified, so that even a
+    latent far below zero gets a gradient) write `residuals[i]` (batch, d_out) through `W_decs[i]`
+    (n_latents, d_out); the loss is the mean FVU of those residuals, scaled down by n_dead / aux_k when
+    fewer than aux_k latents are dead.
+    """
+    n_dead = int(dead.sum())
+    k = min(aux_k, n_dead)
+    masked = pre.detach().masked_fill(~dead, float("-inf"))
+    pairs = topk_pairs(masked, k)
+    values = gather_preacts(x, W_enc, b_enc, pre.detach(), *pairs)
+    loss = sum(
+        fvu(r, sparse_decode(pairs.latents, values, pairs.offsets, W), ranks)
+        for r, W in zip(residuals, W_decs, strict=True)
+    )
+    return min(n_dead / k, 1.0) * loss / len(residuals)
+
+
+@torch.no_grad()
+def track_threshold(threshold: torch.Tensor, latents: Latents, ranks: Ranks | None = None) -> torch.Tensor:
+    """BatchTopK's inference cut: a running mean of the smallest positive activation each (global) batch
+    keeps; `threshold` itself when the batch kept none."""
+    positive = latents.values[latents.values > 0]
+    low = positive.min() if positive.numel() else threshold.new_tensor(float("inf"))
+    if ranks is not None:
+        low = ranks.min(low)
+    if torch.isinf(low):
+        return threshold
+    return torch.where(threshold <= 0, low, 0.99 * threshold + 0.01 * low)
 
 
 class SparseCoder(nn.Module):
@@ -168,9 +233,11 @@ class SparseCoder(nn.Module):
     def _centered(self, x: torch.Tensor) -> torch.Tensor:
         return x - self.b_dec if self.cfg.kind == "sae" else x
 
-    def latents(self, x: torch.Tensor, *, sparse_kernels: bool = True) -> tuple[Latents, torch.Tensor]:
-        """Latents of x (batch, d_in) and its pre-activations; BatchTopK selects over the batch in training
-        mode and by threshold in eval mode."""
+    def latents(
+        self, x: torch.Tensor, *, sparse_kernels: bool = True, ranks: Ranks | None = None
+    ) -> tuple[Latents, torch.Tensor]:
+        """Latents of x (batch, d_in) and its pre-activations; BatchTopK selects over the batch (of all
+        `ranks`) in training mode and by threshold in eval mode."""
         cfg = self.cfg
         x = x.to(self.W_enc.dtype)
         return encode_latents(
@@ -183,6 +250,7 @@ class SparseCoder(nn.Module):
             cfg.jumprelu_bandwidth,
             training=self.training,
             sparse_kernels=sparse_kernels,
+            ranks=ranks,
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,50 +295,35 @@ class SparseCoder(nn.Module):
         dead: torch.Tensor | None = None,
         aux_k: int | None = None,
         sparse_kernels: bool = True,
+        ranks: Ranks | None = None,
     ) -> ForwardOutput:
         """Reconstruct y (default x) from x, both (batch, d); with a `dead` mask (n_latents,), the AuxK loss
-        uses the top `aux_k` (default d_out / 2) dead latents to reconstruct the residual."""
+        uses the top `aux_k` (default d_out / 2) dead latents to reconstruct the residual.
+
+        With data-parallel `ranks`, x and y are this rank's rows and every loss is this rank's share of
+        the global batch's loss (the shares sum to it)."""
         y = x if y is None else y
-        latents, pre = self.latents(x, sparse_kernels=sparse_kernels)
+        latents, pre = self.latents(x, sparse_kernels=sparse_kernels, ranks=ranks)
         if latents.pairs is None or not sparse_kernels:
             out = self.decode(latents.dense(self.cfg.n_latents), x)
         else:
             out = self.decode_latents(latents, x)
-        loss = fvu(y, out)
+        loss = fvu(y, out, ranks)
         zero = loss.new_zeros(())
         auxk = zero
         if dead is not None and bool(dead.any()):
-            auxk = self._auxk(x, y - out.detach(), pre, dead, aux_k or max(self.cfg.d_out // 2, 1))
+            aux_k = aux_k or max(self.cfg.d_out // 2, 1)
+            x_in, residual = self._centered(x), y - out.detach()
+            auxk = auxk_loss(x_in, [residual], pre, dead, aux_k, self.W_enc, self.b_enc, [self.W_dec], ranks)
         sparsity = zero
         if self.cfg.arch == "relu":
-            sparsity = (latents.values * self.W_dec.norm(dim=1)).sum(-1).mean() / self.cfg.d_out
+            sparsity = row_mean((latents.values * self.W_dec.norm(dim=1)).sum(-1), ranks) / self.cfg.d_out
         elif self.cfg.arch == "jumprelu":
             l0 = step(pre, self.threshold, self.cfg.jumprelu_bandwidth)
-            sparsity = l0.sum(-1).mean() / self.cfg.d_out
+            sparsity = row_mean(l0.sum(-1), ranks) / self.cfg.d_out
         if self.training and self.cfg.arch == "batchtopk":
-            self._track_threshold(latents)
+            self.batch_threshold.copy_(track_threshold(self.batch_threshold, latents, ranks))
         return ForwardOutput(out, latents, loss, auxk, sparsity)
-
-    def _auxk(
-        self, x: torch.Tensor, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, aux_k: int
-    ) -> torch.Tensor:
-        n_dead = int(dead.sum())
-        k = min(aux_k, n_dead)
-        masked = pre.detach().masked_fill(~dead, float("-inf"))
-        pairs = topk_pairs(masked, k)
-        values = gather_preacts(self._centered(x), self.W_enc, self.b_enc, pre.detach(), *pairs)
-        guess = sparse_decode(pairs.latents, values, pairs.offsets, self.W_dec)
-        scale = min(n_dead / k, 1.0)
-        return scale * fvu(residual, guess)
-
-    @torch.no_grad()
-    def _track_threshold(self, latents: Latents) -> None:
-        """Running mean of the smallest positive activation kept per batch: BatchTopK's inference cut."""
-        positive = latents.values[latents.values > 0]
-        if positive.numel():
-            low = positive.min()
-            first = self.batch_threshold <= 0
-            self.batch_threshold.copy_(torch.where(first, low, 0.99 * self.batch_threshold + 0.01 * low))
 
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:

@@ -3,12 +3,15 @@
 Per step: scale inputs (E||x||^2 = d), forward, FVU + AuxK + warmed-up sparsity penalty, backward, drop the
 decoder gradient along unit-norm rows, Adam with LR warm-up and linear decay, renormalise the decoder.
 Checkpoints are safetensors + JSON (no pickle) and resume exactly: the same batches give the same weights.
+Under data parallelism (`Ranks`), each rank steps on its rows of every global batch, the gradients are
+summed over ranks, and only rank 0 writes checkpoints (see `mri.dictionaries.distributed`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from itertools import islice
@@ -31,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from mri.dictionaries.clt import CrossLayerTranscoder
 from mri.dictionaries.config import DictConfig, TrainConfig
+from mri.dictionaries.distributed import Ranks
 from mri.dictionaries.io import replace_folder
 from mri.dictionaries.sparse_coder import SparseCoder
 from mri.errors import MriError
@@ -59,7 +63,12 @@ def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
 
 
 class Trainer:
-    """Fits `dictionaries` together from batches {site: (batch, d)} that hold every site they read."""
+    """Fits `dictionaries` together from batches {site: (batch, d)} that hold every site they read.
+
+    With data-parallel `ranks`, every rank builds the same dictionaries (same seeds) and is given its own
+    rows of each global batch of `cfg.batch_size` (`Ranks.split`); the trained weights are those of one
+    process on the global batches.
+    """
 
     def __init__(
         self,
@@ -67,10 +76,12 @@ class Trainer:
         cfg: TrainConfig,
         *,
         device: str | torch.device = "cpu",
+        ranks: Ranks | None = None,
     ):
         if not dictionaries:
             raise MriError("nothing to train: give at least one dictionary")
         self.cfg = cfg
+        self.ranks = ranks or Ranks()
         self.device = torch.device(device)
         self.dicts = [d.to(self.device).train() for d in dictionaries]
         groups = []
@@ -115,12 +126,13 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def _initialize(self, batch: dict[str, torch.Tensor]) -> None:
-        """Input scales and decoder biases from the first batch."""
+        """Input scales and decoder biases from the first (global) batch."""
+        batch = {s: self.ranks.cat(batch[s].to(self.device, torch.float32)) for s in self.sites}
         self.scales = []
         for d in self.dicts:
             scales = {}
-            for s in {*d.cfg.sites_in, *d.cfg.sites_out}:
-                x = batch[s].float()
+            for s in sorted({*d.cfg.sites_in, *d.cfg.sites_out}):
+                x = batch[s]
                 scales[s] = (x.shape[1] / x.pow(2).sum(1).mean().clamp_min(1e-12)).sqrt().item()
                 if not self.cfg.normalize:
                     scales[s] = 1.0
@@ -143,11 +155,45 @@ class Trainer:
         ys = [batch[s].to(self.device, torch.float32) * scales[s] for s in d.cfg.sites_out]
         return xs, ys
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One optimizer step on `batch`; returns the summed loss."""
+    def _check_widths(self, batch: dict[str, torch.Tensor]) -> None:
         missing = [s for s in self.sites if s not in batch]
         if missing:
             raise MriError(f"the training batches have no site {missing}; they hold {sorted(batch)}")
+        for i, d in enumerate(self.dicts):
+            for s, width, what in [
+                *((s, d.cfg.d_in, "d_in") for s in d.cfg.sites_in),
+                *((s, d.cfg.d_out, "d_out") for s in d.cfg.sites_out),
+            ]:
+                shape = tuple(batch[s].shape)
+                if len(shape) != 2 or shape[1] != width:
+                    raise MriError(
+                        f"site {s} gives activations of shape {shape}, but dictionary {i} ({d.cfg.kind} "
+                        f"{d.cfg.arch}) has {what} {width}: train it on a site of width {width}, or build "
+                        f"it with {what}={shape[-1]}"
+                    )
+
+    def _check_finite(self, batch: dict[str, torch.Tensor], loss: float) -> None:
+        """Stop before a non-finite loss reaches the weights, naming the batch and, if so, its bad sites."""
+        if math.isfinite(loss):
+            return
+        bad = [s for s in self.sites if self.ranks.any(not bool(torch.isfinite(batch[s]).all()))]
+        where = f"batch {self.step} (tokens {self.step * self.cfg.batch_size:,} to "
+        where += f"{(self.step + 1) * self.cfg.batch_size:,})"
+        if bad:
+            raise MriError(
+                f"{where} holds NaN or inf activations at {', '.join(bad)}; training stopped before they "
+                "reached the weights. Record the activations again (in fp32 if they overflow fp16)"
+            )
+        raise MriError(
+            f"the loss became {loss} at {where} although its activations are finite: training diverged; "
+            "lower --lr"
+        )
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on `batch` (this rank's rows of it); returns the summed loss (this rank's
+        share under data parallelism). Raises MriError, leaving the weights as they were, if the batch
+        does not fit the dictionaries or holds NaN or inf activations."""
+        self._check_widths(batch)
         if self.scales is None:
             self._initialize(batch)
         cfg = self.cfg
@@ -157,26 +203,31 @@ class Trainer:
         dead_after = cfg.dead_after()
         total = torch.zeros((), device=self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.autocast else nullcontext()
+        global_loss = 0.0
         for i, d in enumerate(self.dicts):
             xs, ys = self._inputs(i, batch)
             dead = self.since_fired[i] >= dead_after if cfg.uses_auxk(d.cfg.arch) else None
             with autocast:
                 if isinstance(d, CrossLayerTranscoder):
-                    out = d(xs, ys, sparse_kernels=cfg.sparse_kernels)
+                    out = d(xs, ys, dead=dead, sparse_kernels=cfg.sparse_kernels, ranks=self.ranks)
                 else:
                     out = d(
                         xs[0],
                         ys[0],
                         dead=dead[0] if dead is not None else None,
                         sparse_kernels=cfg.sparse_kernels,
+                        ranks=self.ranks,
                     )
             coef = cfg.coefficient(d.cfg.arch) * self.sparsity_factor(self.step)
             loss = out.fvu + cfg.auxk_alpha * out.auxk_loss + coef * out.sparsity_loss
             total = total + loss.float()
-            self._track(i, out, xs[0].shape[0])
+            m = self._track(i, out, xs[0].shape[0])
+            global_loss += m["fvu"] + cfg.auxk_alpha * m["auxk"] + coef * m["sparsity"]
+        self._check_finite(batch, global_loss)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         for d in self.dicts:
+            self.ranks.sum_grads(d.parameters())
             d.remove_parallel_grads()
         self.optimizer.step()
         for d in self.dicts:
@@ -185,19 +236,25 @@ class Trainer:
         return total.detach()
 
     @torch.no_grad()
-    def _track(self, i: int, out: Any, n_rows: int) -> None:
+    def _track(self, i: int, out: Any, n_rows: int) -> dict[str, float]:
+        """Update dictionary i's dead-latent counters and metrics from a step's output, over all ranks."""
         d = self.dicts[i]
         latents = out.latents if isinstance(out.latents, list) else [out.latents]
-        fired = torch.stack([lat.fired(d.cfg.n_latents) for lat in latents])
-        self.since_fired[i] += n_rows
+        fired = self.ranks.sum(torch.stack([lat.fired(d.cfg.n_latents) for lat in latents]))
+        active = sum((lat.values > 0).sum() for lat in latents)
+        totals = torch.stack([out.fvu.float(), out.auxk_loss.float(), out.sparsity_loss.float()])
+        stats = self.ranks.sum(torch.cat([totals, torch.stack([active.float(), totals.new_tensor(n_rows)])]))
+        fvu_, auxk, sparsity, active, rows = stats.tolist()
+        self.since_fired[i] += int(rows)
         self.since_fired[i][fired > 0] = 0
         self.metrics[i] = {
-            "fvu": float(out.fvu),
-            "l0": float(sum(lat.l0() for lat in latents) / len(latents)),
-            "auxk": float(out.auxk_loss),
-            "sparsity": float(out.sparsity_loss),
+            "fvu": fvu_,
+            "l0": active / max(rows, 1) / len(latents),
+            "auxk": auxk,
+            "sparsity": sparsity,
             "dead": float((self.since_fired[i] >= self.cfg.dead_after()).float().mean()),
         }
+        return self.metrics[i]
 
     # ---- the loop ----------------------------------------------------------------------------------
     def fit(
@@ -217,16 +274,17 @@ class Trainer:
         """
         end = min(until if until is not None else self.cfg.steps, self.cfg.steps)
         it: Iterator[dict[str, torch.Tensor]] = islice(iter(batches), self.step, None)
-        with _progress(progress) as bar:
+        with _progress(progress and self.ranks.main) as bar:
             task = bar.add_task(
                 "training", total=end * self.cfg.batch_size, completed=self.step * self.cfg.batch_size
             )
             while self.step < end:
                 batch = next(it, None)
-                if batch is None:
+                if self.ranks.any(batch is None):
+                    where = "" if self.ranks.single else f" for one of the {self.ranks.world} processes"
                     raise MriError(
-                        f"the data ran out after {self.step} steps of {end}; record more tokens or ask for "
-                        f"fewer (--tokens {self.step * self.cfg.batch_size})"
+                        f"the data ran out{where} after {self.step} steps of {end}; record more tokens or ask "
+                        f"for fewer (--tokens {self.step * self.cfg.batch_size})"
                     )
                 self.train_step(batch)
                 m = self.metrics[0]
@@ -257,7 +315,9 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, folder: str | Path) -> Path:
-        """Everything needed to resume exactly, written atomically to `folder`."""
+        """Everything needed to resume exactly, written atomically to `folder` (by rank 0 only)."""
+        if not self.ranks.main:
+            return Path(folder)
         tensors: dict[str, torch.Tensor] = {}
         for i, d in enumerate(self.dicts):
             for name, t in d.state_dict().items():
@@ -284,8 +344,11 @@ class Trainer:
         return replace_folder(Path(folder), write)
 
     @classmethod
-    def resume(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> Trainer:
-        """A trainer restored from `save_checkpoint(folder)`; call `fit` with the same batches to go on."""
+    def resume(
+        cls, folder: str | Path, *, device: str | torch.device = "cpu", ranks: Ranks | None = None
+    ) -> Trainer:
+        """A trainer restored from `save_checkpoint(folder)`; call `fit` with the same batches to go on
+        (with `ranks`, any number of data-parallel processes can resume it)."""
         folder = Path(folder)
         if not all((folder / f).is_file() for f in CHECKPOINT_FILES):
             raise MriError(f"{folder} is not a training checkpoint: it needs {', '.join(CHECKPOINT_FILES)}")
@@ -295,7 +358,7 @@ class Trainer:
         for i, d in enumerate(dicts):
             prefix = f"dict{i}."
             d.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        trainer = cls(dicts, TrainConfig.from_dict(meta["train"]), device=device)
+        trainer = cls(dicts, TrainConfig.from_dict(meta["train"]), device=device, ranks=ranks)
         trainer.step = meta["step"]
         trainer.scales = meta["scales"]
         trainer.metrics = meta["metrics"]
