@@ -199,5 +199,24 @@ def test_gpu_script_trains_from_packed_tokens_on_cpu(zoo_tokens: Path, tmp_path:
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == 10
-    assert (tmp_path / "out" / "mri-base" / "model.safetensors").exists()
+    import tarfile
+
+    with tarfile.open(tmp_path / "out" / "mri-base.tar") as tar:
+        names = set(tar.getnames())
+    assert {"mri-base/model.safetensors", "mri-base/config.json", "mri-base/tokenizer.json"} <= names
     assert (tmp_path / "out" / "loss.png").exists()
+
+
+def test_fit_to_time_completes_the_schedule_inside_the_limit(zoo_tokens: Path, tmp_path: Path) -> None:
+    """A run planned far too long for its time limit still ends its warmup + cosine: the last LR is the floor."""
+    from mri.zoo.train import FIT_STEPS, lr_at
+
+    cfg = tiny_config(tokens=8 * 64 * 1_000_000, time_limit=4.0, fit_to_time=True, log_every=1)
+    summary = train(zoo_tokens, tmp_path / "run", cfg)
+    assert summary["finished"] and summary["schedule_complete"]
+    assert 1.5 * FIT_STEPS < summary["planned_steps"] < cfg.steps
+    assert summary["elapsed_s"] < 4.0 * 1.5
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    last_lr = state["train"][-1][2]
+    assert last_lr == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.05)
+    assert last_lr == pytest.approx(lr_at(cfg, summary["planned_steps"] - 1, summary["planned_steps"]))

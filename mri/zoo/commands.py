@@ -112,6 +112,9 @@ def train_cmd(
     log_every: int = typer.Option(50, "--log-every"),
     stop_after: int = typer.Option(None, "--stop-after", help="Stop after this many steps (resume later)."),
     time_limit: float = typer.Option(None, "--time-limit", help="Seconds; then checkpoint and finish early."),
+    fit_to_time: bool = typer.Option(
+        False, "--fit-to-time", help="With --time-limit: shorten the schedule so it completes inside the limit."
+    ),
     device: str = typer.Option("auto", "--device"),
     threads: int = typer.Option(
         None, "--threads", help="CPU threads for torch (1 is fastest on a busy box)."
@@ -128,8 +131,8 @@ def train_cmd(
     cfg = TrainConfig(family=family, layers=layers, d_model=d_model, heads=heads, d_mlp=d_mlp, ctx=ctx,
                       batch=batch, tokens=tokens, lr=lr, warmup=warmup, bf16=bf16, seed=seed, init_from=init_from,
                       mix=_parse_mix(mix), checkpoint_every=checkpoint_every, eval_every=eval_every,
-                      log_every=log_every, stop_after=stop_after, time_limit=time_limit, device=device,
-                      threads=threads, evaluate=evaluate)  # fmt: skip
+                      log_every=log_every, stop_after=stop_after, time_limit=time_limit, fit_to_time=fit_to_time,
+                      device=device, threads=threads, evaluate=evaluate)  # fmt: skip
     print(json.dumps(train(corpus, out, cfg), indent=1))
 
 

@@ -39,6 +39,7 @@ RUN_CONTROL = (
     "log_every",
     "stop_after",
     "time_limit",
+    "fit_to_time",
     "device",
     "val_windows",
 )
@@ -82,6 +83,9 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many steps, without finishing; for tests and budgeting."""
     time_limit: float | None = None
     """Seconds: past this, checkpoint and finish early (the schedule is cut short)."""
+    fit_to_time: bool = False
+    """With time_limit: time the first steps, then shorten the planned steps so that the whole warmup + cosine
+    schedule ends inside the limit (a GPU lease is counted in seconds, not tokens)."""
     device: str = "auto"
     threads: int | None = None
     """CPU threads for torch (None: torch's default); 1 is fastest on a busy 2-core machine."""
@@ -178,13 +182,27 @@ class BatchSampler:
         return torch.from_numpy(np.stack(rows))
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
-    warmup = min(cfg.warmup, max(1, cfg.steps // 10))
+def lr_at(cfg: TrainConfig, step: int, total: int | None = None) -> float:
+    """Learning rate for `step` (0-based) of `total` (default cfg.steps): linear warmup, then cosine to
+    lr * min_lr_ratio."""
+    total = cfg.steps if total is None else total
+    warmup = min(cfg.warmup, max(1, total // 10))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+FIT_STEPS = 20
+"""Steps timed (after FIT_STEPS // 2 warm-up steps) before a fit_to_time run sets its schedule."""
+
+
+def fit_steps(cfg: TrainConfig, step: int, elapsed_total: float, elapsed_here: float, timed: int) -> int:
+    """Planned steps so that the schedule ends inside cfg.time_limit, at the pace of the last `timed` steps,
+    keeping 5% of the remaining time (and the validation passes) in reserve."""
+    per_step = elapsed_here / max(1, timed)
+    left = max(0.0, cfg.time_limit - elapsed_total) * 0.95
+    return int(min(cfg.steps, step + max(1, left // max(per_step, 1e-9))))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -349,10 +367,19 @@ def train(tokens_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, command
     model.train()
     start_step, prior, t0 = state["step"], state["elapsed"], time.time()
     step = start_step
-    stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
+    total = state.get("planned_steps", cfg.steps)
+    stop = total if cfg.stop_after is None else min(total, start_step + cfg.stop_after)
     smooth, out_of_time = state.get("smooth"), False
     while step < stop:
-        lr = lr_at(cfg, step)
+        fitting = cfg.fit_to_time and cfg.time_limit and "planned_steps" not in state
+        if fitting and step == start_step + FIT_STEPS // 2:
+            t_mark = time.time()  # the first steps pay for warm-up (allocator, kernels): time the next ones
+        if fitting and step == start_step + FIT_STEPS // 2 + FIT_STEPS:
+            total = fit_steps(cfg, step, prior + time.time() - t0, time.time() - t_mark, FIT_STEPS)
+            stop = total if cfg.stop_after is None else min(total, stop)
+            state["planned_steps"] = total
+            console.log(f"schedule fitted to the {cfg.time_limit:.0f} s limit: {total} steps (of {cfg.steps})")
+        lr = lr_at(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = lm_loss(model, sampler.batch(step, cfg.batch).to(device), cfg.bf16)
@@ -367,12 +394,12 @@ def train(tokens_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, command
         out_of_time = cfg.time_limit is not None and prior + elapsed > cfg.time_limit
         if step % cfg.log_every == 0 or step == stop or out_of_time:
             tps = (step - start_step) * cfg.batch * cfg.ctx / max(elapsed, 1e-9)
-            eta = (cfg.steps - step) * cfg.batch * cfg.ctx / max(tps, 1e-9)
+            eta = (total - step) * cfg.batch * cfg.ctx / max(tps, 1e-9)
             state["train"].append([step, round(smooth, 4), lr])
             console.log(
-                f"step {step}/{cfg.steps} loss {smooth:.3f} lr {lr:.2e} {tps:,.0f} tok/s ETA {eta / 60:.1f} min"
+                f"step {step}/{total} loss {smooth:.3f} lr {lr:.2e} {tps:,.0f} tok/s ETA {eta / 60:.1f} min"
             )
-        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+        if step % cfg.eval_every == 0 or step == total or out_of_time:
             val = validation_losses(model, val_arrays, cfg.ctx, cfg.val_windows, cfg.bf16, device)
             state["val"].append([step, val])
             console.log(f"step {step} val " + " ".join(f"{s}={v:.3f}" for s, v in val.items()))
@@ -381,19 +408,20 @@ def train(tokens_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, command
             save_checkpoint(ckpt, model, opt, state)
         if out_of_time:
             console.log(
-                f"time limit of {cfg.time_limit:.0f} s reached at step {step}/{cfg.steps}; finishing early"
+                f"time limit of {cfg.time_limit:.0f} s reached at step {step}/{total}; finishing early"
             )
             break
     elapsed = time.time() - t0
     tokens_per_s = (step - start_step) * cfg.batch * cfg.ctx / max(elapsed, 1e-9)
     state["step"], state["elapsed"] = step, prior + elapsed
-    finished = step >= cfg.steps or out_of_time
+    finished = step >= total or out_of_time
     summary = {
         "out": str(out),
         "steps": step,
-        "planned_steps": cfg.steps,
+        "planned_steps": total,
+        "configured_steps": cfg.steps,
         "finished": finished,
-        "schedule_complete": step >= cfg.steps,
+        "schedule_complete": step >= total,
         "tokens_seen": step * cfg.batch * cfg.ctx,
         "tokens_per_s": tokens_per_s,
         "elapsed_s": state["elapsed"],
