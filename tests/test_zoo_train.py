@@ -220,3 +220,15 @@ def test_fit_to_time_completes_the_schedule_inside_the_limit(zoo_tokens: Path, t
     last_lr = state["train"][-1][2]
     assert last_lr == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.05)
     assert last_lr == pytest.approx(lr_at(cfg, summary["planned_steps"] - 1, summary["planned_steps"]))
+
+
+def test_count_tokens_matches_what_pretokenize_wrote(zoo_tokens: Path) -> None:
+    from mri.zoo.tokens import count_tokens, tokens_info
+
+    info = tokens_info(zoo_tokens)
+    counted = count_tokens(info["corpus"], zoo_tokens / "tokenizer")
+    for split in ("train", "val"):
+        expected = {s: n for s, n in info["counts"][split].items() if s != "facts"}
+        assert counted["counts"][split] == expected
+    assert counted["totals"]["train"] == sum(expected for expected in counted["counts"]["train"].values())
+    assert json.loads((Path(info["corpus"]) / "token_counts.json").read_text())["counts"] == counted["counts"]

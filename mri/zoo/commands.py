@@ -83,6 +83,20 @@ def pretokenize_cmd(
         print(pack_tokens(folder, pack, pack_max_tokens))
 
 
+@zoo_app.command("count")
+def count_cmd(
+    corpus: str = typer.Option(..., "--corpus", help="Corpus folder."),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer folder."),
+) -> None:
+    """Count the corpus's tokens per split and source under a tokenizer (writes CORPUS/token_counts.json)."""
+    import json
+
+    from mri.zoo.tokens import count_tokens
+
+    info = count_tokens(corpus, tokenizer)
+    print(json.dumps({"totals": info["totals"], "train": info["counts"]["train"]}, indent=1))
+
+
 @zoo_app.command("train")
 def train_cmd(
     corpus: str = typer.Option(

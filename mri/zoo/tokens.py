@@ -126,6 +126,32 @@ def pretokenize(
     return out
 
 
+def count_tokens(corpus_dir: str | Path, tokenizer_dir: str | Path) -> dict:
+    """Tokens per (split, source) of the whole corpus under the zoo tokenizer (<|bos|> and <|eos|> included,
+    as training sees them), written to `corpus_dir/token_counts.json` beside the manifest (which was written
+    before any tokenizer existed). Returns the counts with totals."""
+    corpus_dir = Path(corpus_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    counts: dict[str, dict[str, int]] = {}
+    for split in ("train", "val"):
+        n: dict[str, int] = defaultdict(int)
+        for shard in corpus_shards(corpus_dir, split):
+            for source, texts in _read_by_source(shard).items():
+                for i in range(0, len(texts), 512):
+                    n[source] += sum(len(e.ids) + 1 for e in tok.encode_batch(texts[i : i + 512]))
+        counts[split] = dict(sorted(n.items()))
+    info = {
+        "kind": "zoo-token-counts",
+        "tokenizer_sha256": file_sha256(Path(tokenizer_dir) / "tokenizer.json"),
+        "counts": counts,
+        "totals": {split: sum(c.values()) for split, c in counts.items()},
+    }
+    tmp = corpus_dir / "token_counts.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(corpus_dir / "token_counts.json")
+    return info
+
+
 def tokens_info(tokens_dir: str | Path) -> dict:
     """The folder's tokens.json; MriError when the folder is not a tokens folder."""
     path = Path(tokens_dir) / "tokens.json"
