@@ -177,3 +177,19 @@ def test_cli_calibrates_and_makes_vectors(saved_sae, tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output
+
+
+def test_concept_candidates_single_out_the_feature_that_writes_one_word(planted) -> None:
+    """Ranked from the weights alone: the feature whose decoder writes ' was' comes first, and the search
+    runs concept_demo on it (with every try reported)."""
+    from mri.steer.concept_demo import concept_candidates, concept_search
+
+    model, sae, token = planted
+    ranked = concept_candidates(model, sae, n=8, min_letters=3)
+    assert ranked and ranked[0]["feature"] == 3 and ranked[0]["word"] == " was"
+    assert ranked[0]["top_ids"][0] == token
+    found = concept_search(
+        model, sae, PROMPTS[:6], n_candidates=1, strength=8.0, max_new_tokens=6, min_letters=3
+    )
+    assert [r["feature"] for r in found["tried"]] == [3]
+    assert found["best"]["feature"] == 3 and found["best"]["steered_rate"] > found["best"]["unsteered_rate"]

@@ -19,8 +19,9 @@ from mri.steer.generate import generate, largest_finite_strength
 from mri.steer.interventions import FeatureEdit, NonFiniteSteering, Steering, VectorEdit
 from mri.steer.measure import Measurement, measure
 
-MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-"""Default sweep, in units of the site's typical scale (see `default_strengths`)."""
+MULTIPLES = (0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 2.0, 4.0, 8.0, 16.0)
+"""Default sweep, in units of the site's typical scale (see `default_strengths`); dense at the low end,
+where the knee between concept and fluency usually lies."""
 
 
 @dataclass

@@ -299,7 +299,12 @@ def vector_cmd(
 def concept_cmd(
     model: str = typer.Argument(..., help="Model folder, shipped organism or hub name."),
     dictionary: Path = typer.Option(..., "--dict", help="Dictionary folder."),
-    feature: int = typer.Option(..., "--feature", "-f", help="Feature index."),
+    feature: int | None = typer.Option(
+        None, "--feature", "-f", help="Feature index (default: search the dictionary's best candidates)."
+    ),
+    search: int = typer.Option(
+        8, "--search", help="Without --feature: candidate features to try, best first."
+    ),
     strength: float | None = typer.Option(None, "--strength", help="Default: calibrated first."),
     mode: str = typer.Option("add", "--mode", help="add | clamp."),
     n_prompts: int = typer.Option(50, "--n-prompts", help="Neutral prompts (openings of corpus documents)."),
@@ -318,18 +323,29 @@ def concept_cmd(
     from mri.steer.measure import neutral_prompts
 
     m = load(model)
-    result = concept_demo(
-        m,
-        load_dictionary(dictionary),
-        feature,
-        neutral_prompts(n_prompts),
-        strength=strength,
-        mode=mode,
-        atlas=atlas,
-        token_source=tokens,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-    )
+    options = dict(strength=strength, mode=mode, atlas=atlas, token_source=tokens, max_new_tokens=max_new_tokens,
+                   seed=seed)  # fmt: skip
+    searched = None
+    if feature is None:
+        from mri.steer.concept_demo import concept_search
+
+        searched = concept_search(
+            m, load_dictionary(dictionary), neutral_prompts(n_prompts), search, **options
+        )
+        for r in searched["tried"]:
+            verdict = (
+                r.get("error")
+                or f"{r['rate_ratio']:.1f}x concept at {r['perplexity_ratio']:.2f}x perplexity"
+                f" (strength {r['strength']:.3g})"
+            )
+            word = r.get("word") or r["candidate"]["word"]
+            console.print(f"  candidate feature {r['feature']} ({word!r}): {verdict}")
+        if searched["best"] is None:
+            raise MriError("no candidate feature could be steered; pass --feature and --strength yourself")
+        result = searched["best"]
+        feature = result["feature"]
+    else:
+        result = concept_demo(m, load_dictionary(dictionary), feature, neutral_prompts(n_prompts), **options)
     console.print(
         f"feature {feature} ({', '.join(map(repr, result['concept_tokens']))}) at strength {result['strength']:.4g}: "
         f"concept in {result['steered_rate']:.0%} of steered vs {result['unsteered_rate']:.0%} of unsteered "
@@ -339,4 +355,4 @@ def concept_cmd(
     )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(result if searched is None else searched, indent=2))

@@ -107,7 +107,7 @@ def finalize_model(model, folder: Path, tokens_dir: Path, cfg, summary: dict, co
     folder.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").half()
     model.save_pretrained(str(folder), safe_serialization=True)
-    copy_tokenizer(tokens_dir, folder)
+    copy_tokenizer(tokens_dir, folder, cfg.ctx)
     info = tokens_info(tokens_dir)
     write_manifest(
         folder,

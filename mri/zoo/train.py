@@ -460,10 +460,16 @@ def plot_losses(state: dict, path: Path) -> Path:
     return path
 
 
-def copy_tokenizer(tokens_dir: Path, folder: Path) -> None:
-    """Copy the tokens folder's tokenizer files into an HF model folder."""
+def copy_tokenizer(tokens_dir: Path, folder: Path, ctx: int | None = None) -> None:
+    """Copy the tokens folder's tokenizer files into an HF model folder (with `model_max_length` set to the
+    model's context, so transformers warns at the right length)."""
     for name in TOKENIZER_FILES:
         shutil.copy2(Path(tokens_dir) / "tokenizer" / name, folder / name)
+    config = folder / "tokenizer_config.json"
+    if ctx is not None and config.exists():
+        data = json.loads(config.read_text())
+        data["model_max_length"] = ctx
+        config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def config_from_dict(d: dict) -> TrainConfig:
