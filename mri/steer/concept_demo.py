@@ -13,7 +13,7 @@ from mri.errors import MriError
 from mri.steer.calibrate import calibrate
 from mri.steer.generate import generate, largest_finite_strength
 from mri.steer.interventions import FeatureEdit, NonFiniteSteering, Steering
-from mri.steer.measure import concept_tokens, measure
+from mri.steer.measure import concept_tokens, logit_tokens, measure
 
 TARGET_RATIO = 10.0
 TARGET_PPL_RATIO = 2.0
@@ -48,11 +48,14 @@ def concept_demo(
     """
     if len(prompts) == 0:
         raise MriError("give at least one prompt")
-    concept = (
-        list(concept)
-        if concept is not None
-        else concept_tokens(model, dictionary, feature, source=token_source, atlas=atlas, k=n_tokens)
-    )
+    if concept is not None:
+        concept = list(concept)
+    elif atlas is None and token_source == "logits":
+        concept = concept_words(model, dictionary, feature) or concept_tokens(
+            model, dictionary, feature, k=n_tokens
+        )
+    else:
+        concept = concept_tokens(model, dictionary, feature, source=token_source, atlas=atlas, k=n_tokens)
     steering = Steering(model, [FeatureEdit(dictionary, feature, mode, strength or 0.0)], positions)
     gen = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     calibration = None
@@ -157,12 +160,30 @@ def concept_candidates(
         for i in range(len(d)):
             ids = top.indices[i].tolist()
             word = model.tokenizer.decode([ids[0]])
-            is_word = word.startswith(" ") and len(word.strip()) >= min_letters and word.strip().isalpha()
-            if not is_word or (ids[0] < len(freq) and float(freq[ids[0]]) > max_frequency):
+            if not _is_word(word, min_letters) or (
+                ids[0] < len(freq) and float(freq[ids[0]]) > max_frequency
+            ):
                 continue
             rows.append({"feature": lo + i, "z": float(top.values[i, 0]), "word": word, "top_ids": ids})
     rows.sort(key=lambda r: -r["z"])
-    return rows[:n]
+    rows = rows[:n]
+    for r in rows:
+        r["concept"] = concept_words(model, dictionary, r["feature"], min_letters - 1)
+    return rows
+
+
+def concept_words(model: Any, dictionary: Any, feature: int, min_letters: int = 3, k: int = 10) -> list[int]:
+    """The concept as words: the whole-word tokens (a leading space, letters only) among the 40 tokens the
+    feature's decoder promotes most, up to `k`. Word pieces are left out: a piece such as 'by' also matches
+    the common word ' by' and would count unsteered text as carrying the concept."""
+    W_dec = dictionary.W_dec.detach()
+    direction = W_dec[feature, -1] if W_dec.dim() == 3 else W_dec[feature]
+    ids = logit_tokens(model, direction, 40)
+    return [t for t in ids if _is_word(model.tokenizer.decode([t]), min_letters)][:k]
+
+
+def _is_word(text: str, min_letters: int) -> bool:
+    return text.startswith(" ") and len(text.strip()) >= min_letters and text.strip().isalpha()
 
 
 def concept_search(
@@ -179,7 +200,8 @@ def concept_search(
     tried = []
     for cand in concept_candidates(model, dictionary, n_candidates, min_letters):
         try:
-            result = concept_demo(model, dictionary, cand["feature"], prompts, **kwargs)
+            options = {"concept": cand["concept"], **kwargs}
+            result = concept_demo(model, dictionary, cand["feature"], prompts, **options)
         except MriError as e:
             tried.append({"feature": cand["feature"], "word": cand["word"], "error": str(e)})
             continue
