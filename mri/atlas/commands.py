@@ -1,4 +1,5 @@
-"""`mri atlas` (build an atlas) and `mri show` (one feature in the terminal)."""
+"""`mri atlas` (build an atlas; `mri atlas crosslingual`: features shared across languages) and `mri show`
+(one feature in the terminal)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 
 def atlas(
@@ -75,3 +77,90 @@ def show(
     from mri.atlas.show import show_feature
 
     show_feature(str(atlas), feature, n_examples=examples)
+
+
+class _AtlasGroup(TyperGroup):
+    """`mri atlas MODEL DICT ...` builds an atlas (the `build` subcommand, implied); other subcommands by
+    name."""
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+atlas_app = typer.Typer(
+    cls=_AtlasGroup,
+    no_args_is_help=True,
+    help="Build an atlas (`mri atlas MODEL DICT --out DIR`), or report cross-lingual features.",
+)
+atlas_app.command("build")(atlas)
+
+
+@atlas_app.command("crosslingual")
+def crosslingual(
+    model: Annotated[str, typer.Option("--model", help="Model folder, shipped organism name, or hub name.")],
+    dictionary: Annotated[
+        Path, typer.Option("--dict", help="Dictionary folder, or a folder of them per site (scan/dicts).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Report folder (crosslingual.json, crosslingual.html).")],
+    site: Annotated[
+        str | None, typer.Option("--site", help="Site of the dictionary to use when --dict holds several.")
+    ] = None,
+    passages: Annotated[
+        str,
+        typer.Option(
+            "--passages",
+            help="gnome-help (installed GNOME Help), sample (the shipped sample) or a .jsonl of passages.",
+        ),
+    ] = "gnome-help",
+    languages: Annotated[
+        str, typer.Option("--languages", help="Comma-separated languages (en is the original).")
+    ] = "en,de,fr,es,it,ru",
+    limit: Annotated[int, typer.Option("--limit", help="At most this many passages (spread evenly).")] = 600,
+    min_languages: Annotated[
+        int, typer.Option("--min-languages", help="A feature counts on a passage when active in this many.")
+    ] = 3,
+    max_common: Annotated[
+        float,
+        typer.Option("--max-common", help="Leave out features active on more than this share of texts."),
+    ] = 0.1,
+    controls: Annotated[int, typer.Option("--controls", help="Misaligned re-pairings to average.")] = 5,
+    layer: Annotated[int, typer.Option("--layer", help="Layer of a cross-layer transcoder.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the control's tie-breaks.")] = 0,
+) -> None:
+    """Features of MODEL's dictionary active on the same aligned passage in at least --min-languages
+    languages, against misaligned controls; writes OUT/crosslingual.json and OUT/crosslingual.html."""
+    import mri
+    from mri.atlas.crosslingual import write_crosslingual
+
+    m = mri.load(model, device=device)
+    report = write_crosslingual(
+        m,
+        dictionary,
+        out,
+        site=site,
+        passages=passages,
+        languages=[x.strip() for x in languages.split(",") if x.strip()],
+        limit=limit,
+        min_languages=min_languages,
+        max_common=max_common,
+        controls=controls,
+        layer=layer,
+        seed=seed,
+        command="mri " + shlex.join(sys.argv[1:]),
+    )
+    a, c = report["aligned"], report["control"]
+    typer.echo(
+        f"{report['passages']} passages in {len(report['languages'])} languages: "
+        f"{a['hits']} (passage, feature) pairs active in >= {min_languages} languages, "
+        f"{a['features']} features; misaligned control {c['mean']['hits']:.1f} ± {c['std']['hits']:.1f} "
+        f"(x{report['ratio']:.2f}); with different peak tokens {a['hits_different_tokens']} vs "
+        f"{c['mean']['hits_different_tokens']:.1f}"
+    )
+    for line in report["source"].get("missing", []):
+        typer.echo(f"skipped (not installed): {line}")
+    if "note" in report["source"]:
+        typer.echo(report["source"]["note"])
+    typer.echo(f"written: {out / 'crosslingual.json'}, {out / 'crosslingual.html'}")

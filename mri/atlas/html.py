@@ -151,3 +151,59 @@ def write_html(atlas: Atlas | str | Path, features: list[int] | None = None) -> 
     )
     (out / "index.html").write_text(_page("Atlas", body), encoding="utf-8")
     return out
+
+
+def _shaded(tokens: list[str], acts: list[float]) -> str:
+    scale = max(acts, default=0.0)
+    spans = []
+    for tok, act in zip(tokens, acts, strict=True):
+        alpha = min(act / scale, 1.0) if scale > 0 else 0.0
+        style = f" style='background:rgba(230,120,0,{alpha:.2f})'" if act > 0 else ""
+        cls = "tok peak" if act > 0 and act == scale else "tok"
+        spans.append(f"<span class='{cls}'{style} title='{act:.3g}'>{escape(tok)}</span>")
+    return "".join(spans)
+
+
+def crosslingual_page(report: dict[str, Any]) -> str:
+    """The cross-lingual report (`mri atlas crosslingual`): counts against the misaligned control, the
+    features with most aligned hits, and examples with each language's tokens shaded by activation."""
+    a, c = report["aligned"], report["control"]
+    n = report["min_languages"]
+    counts = "".join(
+        f"<tr><td>{label}</td><td>{a[k]:,}</td><td>{c['mean'][k]:,.1f} ± {c['std'][k]:.1f}</td></tr>"
+        for k, label in (
+            ("hits", f"(passage, feature) pairs active in ≥ {n} languages"),
+            ("hits_different_tokens", "… peaking on different tokens across languages"),
+            ("hits_shared_token", "… peaking on one shared token (a name, a number)"),
+            ("features", "distinct features"),
+        )
+    )
+    top = "".join(
+        f"<tr><td>{e['feature']}</td><td>{e['aligned']}</td><td>{e['control']:.1f}</td>"
+        f"<td>{e['shared_token']}</td><td class='muted'>{escape(', '.join(e['passages'][:4]))}</td></tr>"
+        for e in report["top_features"]
+    )
+    examples = []
+    for ex in report["examples"]:
+        rows = "".join(
+            f"<div class='ex'><span class='tag'>{escape(lang)}</span>{_shaded(t['tokens'], t['acts'])}</div>"
+            for lang, t in sorted(ex["texts"].items())
+        )
+        peaks = ", ".join(f"{k}: {v!r}" for k, v in sorted(ex["peak_tokens"].items()))
+        examples.append(
+            f"<h3>Feature {ex['feature']} on {escape(ex['passage'])}</h3>"
+            f"<p class='muted'>active in {escape(', '.join(ex['languages']))}; peaks on {escape(peaks)}</p>{rows}"
+        )
+    langs = ", ".join(f"{k} ({v})" for k, v in report["languages"].items())
+    body = (
+        f"<h1>Features shared across languages: {escape(str(report.get('model', '')))} · {escape(report['site'])}</h1>"
+        f"<p class='muted'>{report['passages']} aligned passages ({escape(str(report.get('source', {}).get('name', '')))}), "
+        f"{report['texts']} texts in {escape(langs)}; {report['common_features_left_out']} features active on more "
+        f"than {report['max_common']:.0%} of texts left out. Control: the same texts re-paired across passages "
+        f"of similar length ({len(c['runs'])} runs).</p>"
+        f"<table><tr><th></th><th>aligned</th><th>misaligned control</th></tr>{counts}</table>"
+        f"<h2>Features with the most aligned hits beyond the control</h2>"
+        f"<table><tr><th>feature</th><th>aligned passages</th><th>control (mean)</th><th>same peak token</th>"
+        f"<th>passages</th></tr>{top}</table><h2>Examples</h2>{''.join(examples)}"
+    )
+    return _page("Cross-lingual features", body)

@@ -67,6 +67,18 @@ def explain(
     tokens = sum(r["explain_input_tokens"] + r["explain_output_tokens"] for r in explained)
     tokens += sum(r["score_input_tokens"] + r["score_output_tokens"] for r in rows)
     typer.echo(f"written: {Path(atlas) / 'explanations.parquet'} ({tokens:,} LLM tokens, ${cost:.4f})")
+    from mri.explain.report import PLOT, REPORT, read_floor_report
+
+    report = read_floor_report(atlas)
+    for name, s in report["scorers"].items():
+        typer.echo(
+            f"{name}: {s['above_chance']} of {report['live_features']} live features "
+            f"({s['fraction_of_live']:.1%}; {s['fraction_of_explained']:.1%} of the {report['explained']} "
+            f"explained) score above chance {s['chance']:g} with 95% confidence; median {s['quantiles'].get('0.5', float('nan')):.3f}"
+        )
+    typer.echo(
+        f"{report['features_per_minute']:,.0f} features/minute; report: {Path(atlas) / REPORT}, {Path(atlas) / PLOT}"
+    )
 
 
 def parse_features(spec: str) -> list[int]:

@@ -22,6 +22,7 @@ from mri.errors import MriError
 from mri.explain.clients import ChatClient, make_client
 from mri.explain.examples import feature_view
 from mri.explain.explainers import LLMExplainer, OfflineExplainer
+from mri.explain.report import write_floor_report
 from mri.explain.scorers import SCORERS
 
 EXPLAINERS = ("offline", "openai", "anthropic")
@@ -73,7 +74,8 @@ def explain_atlas(
     explainer: offline | openai | anthropic. scorers: names from `mri.explain.scorers.SCORERS` (default
     match-simulation and match-detection offline, detection and fuzzing with an LLM). LLM calls go
     through `client` or one made from `client_options` (model, base_url, concurrency, prices...), with
-    its response cache in the atlas folder. Returns the new rows; explanations.parquet keeps the rest.
+    its response cache in the atlas folder. Returns the new rows; explanations.parquet keeps the rest, and
+    explain-report.json / explain-scores.png report this run (`mri.explain.report`).
     """
     atlas = atlas if isinstance(atlas, Atlas) else Atlas(atlas)
     if explainer not in EXPLAINERS:
@@ -125,6 +127,7 @@ def explain_atlas(
             )
         return rows
 
+    started = time.time()
     columns = (TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     rows: list[dict[str, Any]] = []
     workers = client.concurrency if (client is not None and needs_llm) else 1
@@ -134,8 +137,10 @@ def explain_atlas(
             for got in pool.map(one, chosen):
                 rows.extend(got)
                 bar.advance(task)
+    seconds = time.time() - started
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     _merge(atlas.path / EXPLANATIONS, table)
+    write_floor_report(atlas, rows, seconds)
     if (atlas.path / "html").is_dir():
         from mri.atlas.html import write_html
 

@@ -135,6 +135,8 @@ class Scorer:
 
     name = ""
     needs_client = False
+    chance = 0.5
+    """The score of a label that knows nothing (0 for correlations, 0.5 for balanced accuracy and AUROC)."""
 
     def __init__(self, client: ChatClient | None = None, *, max_examples: int = 20, seed: int = 0):
         self.client = client
@@ -151,6 +153,7 @@ class Scorer:
 
 class MatchSimulation(Scorer):
     name = "match-simulation"
+    chance = 0.0
 
     def score(self, label: str, view: FeatureView) -> Score:
         if (empty := _empty(view)) is not None:
@@ -177,6 +180,7 @@ class MatchDetection(Scorer):
 
 class Simulation(Scorer):
     name = "simulation"
+    chance = 0.0
     needs_client = True
 
     def score(self, label: str, view: FeatureView) -> Score:
