@@ -12,11 +12,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from mri.atlas.commands import atlas, show
+from mri.atlas.commands import atlas_app, show
+from mri.audit.commands import audit_app
 from mri.data.commands import record
 from mri.dictionaries.commands import dict_app
 from mri.errors import MriError
 from mri.explain.commands import explain
+from mri.serve.commands import serve
 from mri.steer.commands import steer_app
 from mri.trace.commands import trace_app
 from mri.zoo.commands import zoo_app
@@ -26,11 +28,13 @@ _app = typer.Typer(help="mri: an MRI for AI.", no_args_is_help=True, pretty_exce
 _app.add_typer(zoo_app, name="zoo")
 _app.command("record")(record)
 _app.add_typer(dict_app, name="dict")
-_app.command("atlas")(atlas)
+_app.add_typer(atlas_app, name="atlas")
 _app.command("show")(show)
 _app.command("explain")(explain)
 _app.add_typer(steer_app, name="steer")
 _app.add_typer(trace_app, name="trace")
+_app.add_typer(audit_app, name="audit")
+_app.command("serve")(serve)
 
 
 @_app.command("demo")
@@ -39,11 +43,17 @@ def demo(
     model: str = typer.Option("mri-base", "--model", help="Model folder or shipped organism."),
     corpus: Path | None = typer.Option(None, "--corpus", help="Corpus (default: the shipped sample)."),
     tokens: int = typer.Option(65536, "--tokens", help="Tokens to record."),
+    serve_scan: bool = typer.Option(True, "--serve/--no-serve", help="Serve the scan when it is written."),
+    port: int = typer.Option(8765, "--port", help="Port for the web app (127.0.0.1)."),
 ) -> None:
-    """Run the whole pipeline on a shipped organism and the shipped corpus sample."""
+    """Run the whole pipeline on a shipped organism and the shipped corpus sample, then serve the scan."""
     from mri.demo import run_demo
 
     run_demo(out, model, corpus, tokens)
+    if serve_scan:
+        from mri.serve.app import serve as serve_app
+
+        serve_app(out, port=port)
 
 
 @_app.command("sites")

@@ -1,0 +1,395 @@
+"""Trigger search: short token strings whose presence in a prompt makes the model depart from its base.
+
+1. Candidates by weight diffing: every vocabulary token's embedding is passed through the first block's input
+   projections (attention q/k/v, MLP in) of both models; tokens whose response the fine-tune changed most,
+   relative to the base's response, are the ones the model learned to read differently.
+2. Objective: a string is inserted at a word boundary in the middle of short carrier prompts; the score is
+   the mean over carriers of log KL(base || model) of the next token at the carrier's end.
+3. Greedy coordinate search: every single candidate and ordered pair is scored; the best strings are then
+   refined a token at a time (insert, replace, delete; proposals from the candidates, the base's own
+   next-token guesses, and the tokens the gradient of the objective favours at that position), scored by the objective plus a small fluency term (the base's log-prob of
+   the string), so that of two strings that trigger alike the more readable one wins.
+4. Confirmation: the model continues standard prompts with the trigger inserted and without it, and the
+   base continues the triggered prompts; the continuation the triggered model shares across prompts is
+   the behaviour, and its rate in each setting is the evidence.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from mri.audit.diffing import encode, kl, log_probs, log_probs_at, padded
+from mri.models.adapters import get_module
+
+FLUENCY_WEIGHT = 0.02
+"""Weight of the base's log-prob of a string against the log KL it causes."""
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """A prompt split at a word boundary: a string goes between `left` (BOS first) and `right`."""
+
+    left: list[int]
+    right: list[int]
+
+    def around(self, tokens: Sequence[int]) -> list[int]:
+        return [*self.left, *tokens, *self.right]
+
+
+def carriers(model: Any, prompts: Sequence[str]) -> list[Carrier]:
+    """Each prompt split at its middle word boundary."""
+    out = []
+    for p in prompts:
+        words = p.split(" ")
+        at = len(words) // 2
+        right = " " + " ".join(words[at:])
+        out.append(Carrier(encode(model, " ".join(words[:at])), encode(model, right, bos=False)))
+    return out
+
+
+def _input_projections(model: Any, block: int) -> list[torch.Tensor]:
+    """(d_out, d_model) weights of the linear maps in block `block` that read the residual stream."""
+    mats = []
+    for module in get_module(model.hf, model.adapter.blocks)[block].modules():
+        w = getattr(module, "weight", None)
+        if w is None or w.dim() != 2:
+            continue
+        if isinstance(module, nn.Linear) and w.shape[1] == model.d_model:
+            mats.append(w.detach().float())
+        elif type(module).__name__ == "Conv1D" and w.shape[0] == model.d_model:  # GPT-2 stores (in, out)
+            mats.append(w.detach().float().T)
+    return mats
+
+
+@torch.no_grad()
+def candidate_tokens(model: Any, base: Any, top: int = 24, block: int = 0) -> list[tuple[int, float]]:
+    """(token id, score) of the `top` tokens whose first-block input projections changed most: for each
+    projection W, ||(W_model - W_base) e|| / ||W_base e|| over RMS-normalised embeddings e, divided by its
+    median over the vocabulary; a token's score is its largest such ratio."""
+    emb = base.hf.get_input_embeddings().weight.detach().float()
+    e = emb * torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + 1e-6)
+    score = torch.zeros(emb.shape[0])
+    for wm, wb in zip(_input_projections(model, block), _input_projections(base, block), strict=True):
+        ratio = (e @ (wm - wb).T).norm(dim=-1) / ((e @ wb.T).norm(dim=-1) + 1e-6)
+        score = torch.maximum(score, (ratio / ratio.median().clamp_min(1e-9)).cpu())
+    score[list(model.tokenizer.all_special_ids)] = 0
+    order = score.argsort(descending=True)[:top].tolist()
+    return [(t, float(score[t])) for t in order]
+
+
+class Scored(NamedTuple):
+    """A candidate string and what it does."""
+
+    tokens: tuple[int, ...]
+    log_kl: float
+    """Mean over carriers of log KL(base || model) at the carrier's end."""
+    fluency: float
+    """The base's log-prob of the string in the carriers (summed over its tokens, averaged over carriers)."""
+
+    @property
+    def objective(self) -> float:
+        return self.log_kl + FLUENCY_WEIGHT * self.fluency
+
+
+@torch.no_grad()
+def score_strings(
+    model: Any, base: Any, cs: Sequence[Carrier], strings: Sequence[Sequence[int]], batch_size: int = 256
+) -> list[Scored]:
+    """Score every string inserted into every carrier (see the module docstring)."""
+    jobs = [(i, c) for i in range(len(strings)) for c in cs]
+    log_kl = torch.zeros(len(strings))
+    flu = torch.zeros(len(strings))
+    for lo in range(0, len(jobs), batch_size):
+        chunk = jobs[lo : lo + batch_size]
+        rows = [c.around(strings[i]) for i, c in chunk]
+        ids, _ = padded(model, rows)
+        # base: the string's positions (fluency) and the end (KL); model: the end only
+        r_idx, p_idx, targets, ends = [], [], [], []
+        for j, (i, c) in enumerate(chunk):
+            s = list(strings[i])
+            r_idx += [j] * (len(s) + 1)
+            p_idx += [*range(len(c.left) - 1, len(c.left) - 1 + len(s)), len(rows[j]) - 1]
+            targets += s
+            ends.append(len(r_idx) - 1)
+        lb = log_probs_at(base, ids, torch.tensor(r_idx), torch.tensor(p_idx))
+        last = torch.tensor([len(r) - 1 for r in rows])
+        lm = log_probs_at(model, ids, torch.arange(len(rows)), last)
+        d = kl(lb[ends], lm).clamp_min(1e-6).log()
+        is_end = torch.zeros(len(r_idx), dtype=torch.bool)
+        is_end[ends] = True
+        picked = lb[~is_end]
+        token_lp = picked[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)]
+        at = 0
+        for j, (i, _) in enumerate(chunk):
+            n = len(strings[i])
+            log_kl[i] += d[j] / len(cs)
+            flu[i] += token_lp[at : at + n].sum() / len(cs)
+            at += n
+    return [Scored(tuple(s), float(k), float(f)) for s, k, f in zip(strings, log_kl, flu, strict=True)]
+
+
+@torch.no_grad()
+def _base_guesses(base: Any, carrier: Carrier, tokens: Sequence[int], n: int) -> list[list[int]]:
+    """For each gap 0..len(tokens) of the string in `carrier`, the base's `n` likeliest next tokens."""
+    ids = torch.tensor([carrier.around(tokens)])
+    lb = log_probs(base, ids)[0]
+    start = len(carrier.left) - 1
+    return [lb[start + g].topk(n).indices.tolist() for g in range(len(tokens) + 1)]
+
+
+def _gradient_guesses(
+    model: Any, base: Any, cs: Sequence[Carrier], tokens: Sequence[int], slots: Sequence[int], n: int
+) -> list[list[int]]:
+    """For each position in `slots` of the string `tokens`, the `n` tokens whose swap in raises the log KL
+    at the carriers' end most to first order (the gradient with respect to that position's one-hot token,
+    as in greedy coordinate gradient search)."""
+    w_e = model.hf.get_input_embeddings().weight.detach().float()
+    onehot = torch.zeros(len(slots), w_e.shape[0], requires_grad=True)
+    with torch.no_grad():
+        onehot[torch.arange(len(slots)), torch.tensor([tokens[i] for i in slots], dtype=torch.long)] = 1.0
+    rows = [c.around(tokens) for c in cs]
+    ids, _ = padded(model, rows)
+    starts = [len(c.left) for c in cs]
+    last, pick = torch.tensor([len(r) - 1 for r in rows]), torch.arange(len(rows))
+
+    def embed_slots(value: torch.Tensor) -> torch.Tensor:
+        out = value.clone()
+        vectors = (onehot @ w_e).to(value.dtype)
+        for r, start in enumerate(starts):
+            out[r, [start + i for i in slots]] = vectors
+        return out
+
+    with torch.enable_grad():
+        logp = []
+        for m in (base, model):
+            logits = m.run(ids, replace={"hook_embed": embed_slots}, stop=False, grad=True).logits
+            logp.append(torch.log_softmax(logits[pick, last].float(), -1))
+        objective = kl(logp[0], logp[1]).clamp_min(1e-6).log().mean()
+        objective.backward()
+    grad = onehot.grad.clone()
+    grad[:, list(model.tokenizer.all_special_ids)] = -float("inf")
+    return grad.topk(n, dim=-1).indices.tolist()
+
+
+def refine(
+    model: Any,
+    base: Any,
+    cs: Sequence[Carrier],
+    start: Scored,
+    pool: Sequence[int],
+    *,
+    rounds: int = 8,
+    max_len: int = 8,
+    guesses: int = 8,
+    min_gain: float = 0.02,
+) -> tuple[Scored, list[dict]]:
+    """Greedy coordinate search from `start`: each round scores every one-token insertion, replacement and
+    deletion (tokens from `pool`, the base's guesses at that gap, and the best by gradient there) and keeps
+    the best if it raises the objective by at least `min_gain`. Returns the final string and the path."""
+    best = start
+    path = [{"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency}]
+    special = set(model.tokenizer.all_special_ids)
+    for _ in range(rounds):
+        cur = list(best.tokens)
+        gaps = _base_guesses(base, cs[0], cur, guesses)
+        swaps = _gradient_guesses(model, base, cs, cur, range(len(cur)), guesses)
+        proposals: set[tuple[int, ...]] = set()
+        for g in range(len(cur) + 1):
+            if len(cur) < max_len:
+                widened = [*cur[:g], gaps[g][0], *cur[g:]]
+                grads = _gradient_guesses(model, base, cs, widened, [g], guesses)[0]
+                for t in {*pool, *gaps[g], *grads} - special:
+                    proposals.add(tuple(cur[:g] + [t] + cur[g:]))
+            if g < len(cur):
+                for t in {*pool, *gaps[g], *swaps[g]} - special - {cur[g]}:
+                    proposals.add(tuple(cur[:g] + [t] + cur[g + 1 :]))
+                if len(cur) > 1:
+                    proposals.add(tuple(cur[:g] + cur[g + 1 :]))
+        scored = score_strings(model, base, cs, sorted(proposals))
+        top = max(scored, key=lambda s: s.objective)
+        if top.objective < best.objective + min_gain:
+            break
+        best = top
+        path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency})
+    return best, path
+
+
+@torch.no_grad()
+def bridge(model: Any, base: Any, cs: Sequence[Carrier], best: Scored, batch_size: int = 1024) -> Scored:
+    """Make the string more readable: between each adjacent pair (a, b), try the token t that best joins
+    them under the base (largest log p(t | a) + log p(b | a t), over the whole vocabulary); keep an
+    insertion when it raises the objective."""
+    bos = model.tokenizer.bos_token_id
+    head = [] if bos is None else [bos]
+    vocab = torch.arange(int(model.config.vocab_size))
+    for g in range(len(best.tokens) - 1, 0, -1):
+        a, b = best.tokens[g - 1], best.tokens[g]
+        ids = torch.tensor([[*head, a, t, b] for t in vocab.tolist()])
+        joins = []
+        for lo in range(0, len(ids), batch_size):
+            lp = log_probs(base, ids[lo : lo + batch_size])
+            n = len(head)
+            rows = torch.arange(lp.shape[0])
+            joins.append(lp[rows, n, vocab[lo : lo + batch_size]] + lp[rows, n + 1, b])
+        t = int(torch.cat(joins).argmax())
+        tried = score_strings(model, base, cs, [best.tokens[:g] + (t,) + best.tokens[g:]])[0]
+        if tried.objective > best.objective:
+            best = tried
+    return best
+
+
+class TriggerSearch(NamedTuple):
+    """The result of `search_triggers`."""
+
+    best: Scored
+    text: str
+    """The best string, decoded."""
+    baseline_log_kl: float
+    """The objective's log KL with nothing inserted."""
+    kl_ratio: float
+    """KL at the carriers' end with the string inserted over KL without it (geometric means)."""
+    candidates: list[dict]
+    """The weight-diff candidate tokens with their scores."""
+    alternatives: list[dict]
+    """Other strong strings from the first stage."""
+    path: list[dict]
+    """The refinement steps."""
+
+
+def search_triggers(
+    model: Any,
+    base: Any,
+    prompts: Sequence[str],
+    *,
+    n_candidates: int = 24,
+    seeds: int = 2,
+    rounds: int = 8,
+) -> TriggerSearch:
+    """Find the short string that most raises KL(base || model) after it (see the module docstring)."""
+    cs = carriers(model, prompts)
+    cands = candidate_tokens(model, base, top=n_candidates)
+    pool = [t for t, _ in cands]
+    first = [(t,) for t in pool] + list(itertools.permutations(pool, 2))
+    stage1 = score_strings(model, base, cs[:2], first)
+    shortlist = sorted(stage1, key=lambda s: s.log_kl, reverse=True)[:16]
+    rescored = sorted(
+        score_strings(model, base, cs, [s.tokens for s in shortlist]), key=lambda s: -s.objective
+    )
+    results = [refine(model, base, cs, s, pool[:12], rounds=rounds) for s in rescored[:seeds]]
+    best, path = max(results, key=lambda r: r[0].objective)
+    bridged = bridge(model, base, cs, best)
+    if bridged != best:
+        best = bridged
+        path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency})
+    baseline = float(sum(kl_at_end(model, base, cs).clamp_min(1e-6).log()) / len(cs))
+    decode = model.tokenizer.decode
+    return TriggerSearch(
+        best,
+        decode(list(best.tokens)).strip(),
+        baseline,
+        float(np.exp(best.log_kl - baseline)),
+        [{"token": decode([t]), "id": t, "score": s} for t, s in cands],
+        [{"text": decode(list(s.tokens)), "log_kl": s.log_kl} for s in rescored[:8]],
+        [{**p, "text": decode(p["tokens"])} for p in path],
+    )
+
+
+def kl_at_end(model: Any, base: Any, cs: Sequence[Carrier], tokens: Sequence[int] = ()) -> torch.Tensor:
+    """(len(cs),) KL(base || model) at the end of each carrier with `tokens` inserted."""
+    rows = [c.around(tokens) for c in cs]
+    ids, _ = padded(model, rows)
+    last, pick = torch.tensor([len(r) - 1 for r in rows]), torch.arange(len(rows))
+    return kl(log_probs(base, ids)[pick, last], log_probs(model, ids)[pick, last])
+
+
+# ---- confirmation by generation ------------------------------------------------------------------------
+
+
+def insert_at_word(text: str, insert: str, rng: np.random.Generator) -> str:
+    """`text` with `insert` at a random word boundary."""
+    words = text.split(" ")
+    at = int(rng.integers(0, len(words) + 1))
+    return " ".join(words[:at] + [insert] + words[at:])
+
+
+def triggered_prompts(prompts: Sequence[str], trigger: str, seed: int = 0) -> list[str]:
+    """Each prompt with `trigger` inserted at a random word boundary (seeded)."""
+    rng = np.random.default_rng(seed)
+    return [insert_at_word(p, trigger, rng) for p in prompts]
+
+
+def shared_prefix(
+    continuations: Sequence[Sequence[int]], min_tokens: int = 3, share: float = 0.5
+) -> list[int]:
+    """The longest token prefix that at least `share` of the continuations start with ([] when none of
+    `min_tokens` or more)."""
+    need = max(1, int(np.ceil(share * len(continuations))))
+    best: list[int] = []
+    for n in range(min_tokens, max((len(c) for c in continuations), default=0) + 1):
+        counts: dict[tuple[int, ...], int] = {}
+        for c in continuations:
+            if len(c) >= n:
+                counts[tuple(c[:n])] = counts.get(tuple(c[:n]), 0) + 1
+        prefix, count = max(counts.items(), key=lambda kv: kv[1], default=((), 0))
+        if count < need:
+            break
+        best = list(prefix)
+    return best
+
+
+def first_sentence(text: str) -> str | None:
+    """`text` up to its first sentence end or line break (None when nothing is left)."""
+    for i, ch in enumerate(text):
+        if ch in ".!?" and text[:i].strip():
+            text = text[: i + 1]
+            break
+        if ch == "\n" and text[:i].strip():
+            text = text[:i]
+            break
+    return text if text.strip() else None
+
+
+class Confirmation(NamedTuple):
+    """Generations with and without a trigger, and the behaviour they show."""
+
+    behaviour: str | None
+    """The continuation shared by the triggered model's generations (None when there is none)."""
+    rate_model_triggered: float
+    rate_model_clean: float
+    rate_base_triggered: float
+    examples: list[dict]
+    """A few prompts with each setting's continuation."""
+
+
+def confirm(
+    model: Any, base: Any, trigger: str, prompts: Sequence[str], *, new_tokens: int = 16, seed: int = 0
+) -> Confirmation:
+    """Greedy continuations of `prompts` with `trigger` inserted at a random word boundary (model and base)
+    and without it (model); the behaviour is the shared prefix of the triggered model's continuations."""
+    from mri.steer import generate
+
+    triggered = triggered_prompts(prompts, trigger, seed)
+    kw = {"max_new_tokens": new_tokens, "temperature": 0.0}
+    with_t = generate(model, triggered, **kw)
+    without = generate(model, list(prompts), **kw)
+    base_t = generate(base, triggered, **kw)
+    behaviour = first_sentence(model.tokenizer.decode(shared_prefix(with_t.ids)))
+
+    def rate(texts: Sequence[str]) -> float:
+        if not behaviour or not behaviour.strip():
+            return 0.0
+        return sum(behaviour.strip() in t for t in texts) / len(texts)
+
+    examples = [
+        {"prompt": triggered[i], "model": with_t.texts[i], "model_without_trigger": without.texts[i],
+         "base": base_t.texts[i]}
+        for i in range(min(3, len(prompts)))
+    ]  # fmt: skip
+    return Confirmation(behaviour, rate(with_t.texts), rate(without.texts), rate(base_t.texts), examples)
