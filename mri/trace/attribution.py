@@ -39,6 +39,33 @@ def salient_logits(
     return top_i, top_p, unembed[top_i] - unembed.mean(0)
 
 
+def target_ids(targets: Sequence[str | int], model) -> torch.Tensor:
+    """(k,) vocabulary ids of `targets`: ids, or texts that are exactly one token each; MriError otherwise."""
+    vocab = int(model.hf.get_output_embeddings().weight.shape[0])
+    ids = []
+    for t in targets:
+        if isinstance(t, str):
+            encoded = model.to_tokens(t, bos=False)[0].tolist() if t else []
+            if len(encoded) != 1:
+                pieces = [model.tokenizer.decode([i]) for i in encoded]
+                raise MriError(
+                    f"target {t!r} is {len(encoded)} tokens {pieces}, not one; give a single token (e.g. "
+                    f"{pieces[0]!r}) or a token id"
+                    if pieces
+                    else f"target {t!r} has no tokens"
+                )
+            ids.append(encoded[0])
+        elif isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab:
+            ids.append(t)
+        else:
+            raise MriError(f"target {t!r} is not a token: give a token's text or an id in 0..{vocab - 1}")
+    if not ids:
+        raise MriError("give at least one target token")
+    if len(set(ids)) != len(ids):
+        raise MriError(f"target tokens repeat: {list(targets)}")
+    return torch.tensor(ids, dtype=torch.long)
+
+
 @contextmanager
 def _no_param_grads(*modules: torch.nn.Module) -> Iterator[None]:
     """Weights never need gradients here; turning them off keeps autograd from saving inputs for them."""
@@ -135,8 +162,12 @@ def attribute(
     batch_size: int = 256,
     max_feature_nodes: int | None = 7500,
     update_interval: int = 4,
+    targets: Sequence[str | int] | None = None,
 ) -> Graph:
     """The attribution graph of `prompt` (a text, tokenized with BOS, or token ids) under `rm`.
+
+    targets: the logit nodes, as token texts (one token each) or ids, in place of the most probable
+    tokens (`max_n_logits`, `desired_logit_prob`); each is weighted by its probability.
 
     max_feature_nodes: features whose input edges are computed, the most influential first (None: all
     active features). batch_size: rows per backward pass. Memory is about (max_feature_nodes + logits) x
@@ -146,13 +177,23 @@ def attribute(
     started = time.perf_counter()
     model = rm.model
     ids = to_ids(prompt, model)
+    wanted = None if targets is None else target_ids(targets, model)
     snap = rm.prepare(ids)
     tc = rm.transcoders
     n_layers, n_pos = rm.n_layers, snap.n_pos
     n_active = int(snap.features.shape[0])
-    logit_ids, logit_probs, logit_dirs = salient_logits(
-        snap.logits[-1], rm.unembed.detach(), max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob
-    )
+    if wanted is None:
+        logit_ids, logit_probs, logit_dirs = salient_logits(
+            snap.logits[-1],
+            rm.unembed.detach(),
+            max_n_logits=max_n_logits,
+            desired_logit_prob=desired_logit_prob,
+        )
+    else:
+        W = rm.unembed.detach()
+        logit_ids = wanted
+        logit_probs = torch.softmax(snap.logits[-1].float(), -1)[logit_ids]
+        logit_dirs = W[logit_ids] - W.mean(0)
     n_logits = int(logit_ids.numel())
     n_rows = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     n_cols = n_active + (n_layers + 1) * n_pos
@@ -194,6 +235,7 @@ def attribute(
             "max_feature_nodes": max_feature_nodes,
             "max_n_logits": max_n_logits,
             "desired_logit_prob": desired_logit_prob,
+            "targets": None if targets is None else logit_ids.tolist(),
             "batch_size": batch_size,
             "bos_excluded": snap.bos,
             "seconds": {

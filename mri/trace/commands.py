@@ -8,14 +8,31 @@ import typer
 
 trace_app = typer.Typer(help="Attribution graphs and circuits.", no_args_is_help=True)
 
-_DICTS = typer.Option(..., "--dict", help="Transcoder folder (repeat, one per layer) or one CLT folder.")
+_DICTS = typer.Option([], "--dict", help="Transcoder folder (repeat, one per layer) or one CLT folder.")
+_SHIPPED = typer.Option(
+    None,
+    "--transcoders",
+    help="Shipped transcoders by model name (e.g. mri-base); the default for a model that has them.",
+)
 
 
-def _replacement(model: str, dicts: list[Path]):
+def _replacement(model: str, dicts: list[Path], shipped: str | None):
+    from mri.errors import MriError
     from mri.models import load
     from mri.trace.replacement import ReplacementModel
     from mri.trace.transcoders import load_transcoders
+    from mri.zoo.dictionaries import available, resolve
 
+    if dicts and shipped:
+        raise MriError("give --dict folders or --transcoders NAME, not both")
+    if not dicts:
+        name = shipped or model
+        if shipped is None and "transcoders" not in available().get(model, []):
+            raise MriError(
+                f"give the transcoders: --dict FOLDER (repeat per layer) or --transcoders NAME; none are "
+                f"shipped for {model!r} (shipped: {', '.join(available()) or 'none'})"
+            )
+        dicts = resolve(name, "transcoders")
     m = load(model)
     return ReplacementModel(m, load_transcoders(dicts, m.n_layers))
 
@@ -24,7 +41,13 @@ def _replacement(model: str, dicts: list[Path]):
 def run(
     model: str = typer.Argument(..., help="Model folder, shipped organism name, or hub name."),
     dicts: list[Path] = _DICTS,
+    shipped: str | None = _SHIPPED,
     prompt: str = typer.Option(..., "--prompt", help="The prompt to attribute (BOS is prepended)."),
+    targets: list[str] = typer.Option(
+        [],
+        "--target",
+        help="Attribute this next token (its text, one token; repeat) instead of the top ones.",
+    ),
     out: Path = typer.Option(Path("graph.json"), "--out", help="Graph JSON to write."),
     max_nodes: int = typer.Option(7500, "--max-nodes", help="Feature nodes whose inputs are computed."),
     node_threshold: float = typer.Option(0.8, "--node-threshold", help="Share of influence kept by nodes."),
@@ -39,7 +62,7 @@ def run(
     from mri.trace.export import atlas_labels, write_graph
     from mri.trace.graph import scores
 
-    rm = _replacement(model, dicts)
+    rm = _replacement(model, dicts, shipped)
     graph = attribute(
         prompt,
         rm,
@@ -47,6 +70,7 @@ def run(
         desired_logit_prob=logit_prob,
         batch_size=batch_size,
         max_feature_nodes=max_nodes,
+        targets=targets or None,
     )
     labels = atlas_labels(atlas) if atlas else None
     path = write_graph(
@@ -70,6 +94,7 @@ def validate(
     model: str = typer.Argument(..., help="The model the graph was made with."),
     graph: Path = typer.Argument(..., help="Graph JSON written by `mri trace run`."),
     dicts: list[Path] = _DICTS,
+    shipped: str | None = _SHIPPED,
     edges: int = typer.Option(20, "--edges", help="Check this many of the strongest feature edges."),
     factor: float = typer.Option(2.0, "--factor", help="Scale each source feature by this (0 ablates)."),
 ) -> None:
@@ -77,7 +102,9 @@ def validate(
     from mri.trace.export import read_graph
     from mri.trace.validate import validate as run_validation
 
-    result = run_validation(read_graph(graph), _replacement(model, dicts), n_edges=edges, factor=factor)
+    result = run_validation(
+        read_graph(graph), _replacement(model, dicts, shipped), n_edges=edges, factor=factor
+    )
     print(result.table())
     print(f"max relative error {result.max_error:.2e} over {len(result.edges)} edges")
 
@@ -101,6 +128,36 @@ def diff(
             print(f"{name}:")
             for item in items[:top]:
                 print(f"  {item}")
+
+
+@trace_app.command("two-hop")
+def two_hop(
+    model: str = typer.Argument("mri-base", help="A zoo organism trained on the synthetic world."),
+    dicts: list[Path] = _DICTS,
+    shipped: str | None = _SHIPPED,
+    world: Path | None = typer.Option(
+        None, "--world", help="world.json (default: the zoo world, seed 0, the organisms' own)."
+    ),
+    split: str = typer.Option("two_hop_eval", "--split", help="Which two-hop list of the world."),
+    limit: int | None = typer.Option(None, "--limit", help="At most this many questions (default all)."),
+    max_nodes: int = typer.Option(2000, "--max-nodes", help="Feature nodes per graph."),
+    out: Path | None = typer.Option(None, "--out", help="Write the report (one JSON object) here."),
+) -> None:
+    """Ground truth: on the two-hop questions answered correctly, is a feature of the unstated bridge
+    entity on a path from the first entity to the answer, and what does ablating it do?"""
+    import json
+
+    from mri.trace.ground_truth import two_hop_report
+
+    rm = _replacement(model, dicts, shipped)
+    report = two_hop_report(rm.model, rm, world, split=split, limit=limit, max_feature_nodes=max_nodes)
+    for case in report.correct:
+        effect = "" if case.ablation is None else f" ablation {case.ablation:+.3f}"
+        print(f"{case.prompt!r} -> {case.answer!r} via {case.via}: {len(case.on_path)} on path{effect}")
+    print(report.summary())
+    if out is not None:
+        out.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 @trace_app.command("heads")

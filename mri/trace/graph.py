@@ -29,7 +29,7 @@ class Graph:
     activations: torch.Tensor
     """(n_features,) their activations."""
     logit_ids: torch.Tensor
-    """(n_logits,) vocabulary ids of the logit nodes, most probable first."""
+    """(n_logits,) vocabulary ids of the logit nodes: most probable first, or the requested targets."""
     logit_probs: torch.Tensor
     """(n_logits,) their probabilities."""
     logit_tokens: list[str]

@@ -1,7 +1,7 @@
 """Ground truth from the synthetic world: on two-hop questions ("The capital of the region that contains X
 is"), does the graph route the first entity through a feature of the unstated bridge entity ("via")?
 
-For every two-hop question the model answers correctly (its top token is the answer's first token), a
+For every two-hop question the model answers correctly (greedy decoding writes the whole answer), a
 feature is *tied to the bridge* when it fires at the bridge entity's last token when the bridge is named
 alone, and fires there for at most `max_share` of the other bridges (so it is about this entity, not about
 entities in general). The question's graph passes when such a feature, at any position, lies on a path of
@@ -32,7 +32,7 @@ class TwoHopCase(NamedTuple):
     answer: str
     via: str
     correct: bool
-    """The model's top next token is the answer's first token."""
+    """Greedy decoding from the prompt writes the whole answer."""
     bridge_features: list[tuple[int, int]]
     """(layer, latent) features tied to the bridge entity."""
     on_path: list[str]
@@ -61,6 +61,18 @@ class TwoHopReport(NamedTuple):
         """Mean change of the answer's probability when on-path bridge features are ablated."""
         effects = [c.ablation for c in self.cases if c.ablation is not None]
         return sum(effects) / len(effects) if effects else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as one JSON-ready object: totals and every case."""
+        return {
+            "questions": len(self.cases),
+            "correct": len(self.correct),
+            "share_on_path": self.share_on_path,
+            "mean_ablation": self.mean_ablation,
+            "cases": [
+                {**c._asdict(), "bridge_features": [list(f) for f in c.bridge_features]} for c in self.cases
+            ],
+        }
 
     def summary(self) -> str:
         m = self.mean_ablation
@@ -120,41 +132,59 @@ def _on_path(graph: Graph, keep, sources: list[int], target: int) -> set[int]:
     return forward & backward
 
 
+def zoo_world(seed: int = 0) -> dict[str, Any]:
+    """The synthetic world's world.json document for `seed` (0: the one the zoo's organisms learned)."""
+    from mri.zoo.world import generate_world, world_to_json
+
+    return world_to_json(generate_world(seed))
+
+
 def two_hop_report(
     model,
     transcoders,
-    world_json: str | Path | dict[str, Any],
+    world_json: str | Path | dict[str, Any] | None = None,
     *,
     split: str = "two_hop_eval",
-    limit: int = 20,
+    limit: int | None = 20,
     max_feature_nodes: int = 2000,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
 ) -> TwoHopReport:
-    """Trace up to `limit` two-hop questions of `world_json` (a world.json path or its dict)."""
-    world = json.loads(Path(world_json).read_text()) if not isinstance(world_json, dict) else world_json
+    """Check up to `limit` (None: all) two-hop questions of `world_json` (a world.json path, its dict, or
+    None for the zoo's world); only those the model answers correctly are traced, each with the answer's
+    first token as the graph's one logit target."""
+    if world_json is None:
+        world = zoo_world()
+    elif isinstance(world_json, dict):
+        world = world_json
+    else:
+        path = Path(world_json)
+        if not path.is_file():
+            raise MriError(f"no world file at {path}; give a world.json (or none for the zoo's world)")
+        world = json.loads(path.read_text())
     if split not in world:
         raise MriError(f"the world has no {split!r} list; it has {', '.join(world)}")
     rm = transcoders if isinstance(transcoders, ReplacementModel) else ReplacementModel(model, transcoders)
     facts = [f for f in world[split] if f.get("via")][:limit]
+    if not facts:
+        raise MriError(f"the world's {split!r} list has no two-hop questions (with a 'via' entity)")
+    answers, correct = _answers(model, facts)
     tied = bridge_features(rm, [f["via"] for f in facts])
     cases = []
-    for fact in facts:
-        graph = attribute(fact["prompt"], rm, max_feature_nodes=max_feature_nodes)
-        answer_id = model.to_tokens(fact["answer"], bos=False)[0, 0].item()
-        correct = int(graph.logit_ids[0]) == answer_id
+    for fact, answer_id, ok in zip(facts, answers, correct, strict=True):
         on_path: list[str] = []
         ablation = None
-        bridge = tied[fact["via"]]
-        if correct and bridge:
+        bridge = tied.get(fact["via"], [])
+        if ok and bridge:
+            graph = attribute(fact["prompt"], rm, max_feature_nodes=max_feature_nodes, targets=[answer_id])
             keep = prune(graph, node_threshold, edge_threshold)
             sources = [graph.token_index(p) for p in _span(model, fact["prompt"], fact["subject"])]
             path = _on_path(graph, keep, sources, graph.logit_index(0))
-            hits = [
+            hits = sorted(
                 i
                 for i in path
                 if i < graph.n_features and tuple(graph.features[i, [0, 2]].tolist()) in bridge
-            ]
+            )
             on_path = [f"{layer}_{latent}_{pos}" for layer, pos, latent in graph.features[hits].tolist()]
             if hits:
                 snap = rm.prepare(graph.input_ids)
@@ -163,7 +193,20 @@ def two_hop_report(
                     before = torch.softmax(rm.run(snap, live=True).logits[0, -1], -1)[answer_id]
                     after = torch.softmax(rm.run(snap, changes, live=True).logits[0, -1], -1)[answer_id]
                 ablation = float(after - before)
-        cases.append(
-            TwoHopCase(fact["prompt"], fact["answer"], fact["via"], correct, bridge, on_path, ablation)
-        )
+        cases.append(TwoHopCase(fact["prompt"], fact["answer"], fact["via"], ok, bridge, on_path, ablation))
     return TwoHopReport(cases)
+
+
+@torch.no_grad()
+def _answers(model, facts: list[dict]) -> tuple[list[int], list[bool]]:
+    """Each answer's first token, and whether greedy decoding from the prompt writes the whole answer (every
+    answer token is the top prediction after the prompt and the answer tokens before it)."""
+    answers, correct = [], []
+    for fact in facts:
+        prompt = model.to_tokens(fact["prompt"])[0]
+        answer = model.to_tokens(fact["answer"], bos=False)[0]
+        logits = model.hf(torch.cat([prompt, answer])[None], use_cache=False).logits[0]
+        predicted = logits[len(prompt) - 1 : -1].argmax(-1)
+        answers.append(int(answer[0]))
+        correct.append(bool(torch.equal(predicted, answer)))
+    return answers, correct

@@ -184,6 +184,7 @@ class ReplacementModel:
             if isinstance(transcoders, TranscoderSet)
             else TranscoderSet(transcoders, model.n_layers)
         )
+        self.transcoders.check_model(model)
         blocks = get_module(self.hf, self.adapter.blocks)
         self._blocks = list(blocks)
         self._mlp = [get_module(b, self.adapter.mlp) for b in self._blocks]
@@ -221,6 +222,15 @@ class ReplacementModel:
         ids = input_ids.reshape(-1).to(self.model.device)
         if ids.numel() == 0:
             raise MriError("the prompt has no tokens")
+        ctx = context_length(self.model)
+        if ctx is not None and ids.numel() > ctx:
+            raise MriError(
+                f"the prompt has {ids.numel()} tokens, more than {self.model.name}'s context of {ctx}; "
+                "shorten it (attention patterns past the context are not what the model learned)"
+            )
+        vocab = int(self.unembed.shape[0])
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise MriError(f"token ids must lie in 0..{vocab - 1}; got {int(ids.min())}..{int(ids.max())}")
         rec: dict = {"norms": {}, "patterns": {}, "mlp_in": {}, "mlp_out": {}}
         handles = []
 
@@ -497,6 +507,16 @@ class ReplacementModel:
         """(batch,) a token's logit minus the mean logit, before any soft-capping: what logit nodes measure."""
         W = self.unembed
         return out.final[:, pos] @ (W[token] - W.mean(0))
+
+
+def context_length(model) -> int | None:
+    """The model's context in tokens (max_position_embeddings or n_positions), if its config says."""
+    config = model.hf.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _contains(owner: nn.Module, module: nn.Module) -> bool:

@@ -84,6 +84,30 @@ class TranscoderSet:
             return list(range(target + 1))
         return [target] if target in self.coders else []
 
+    def configs(self) -> list:
+        """The `DictConfig` of each dictionary (one for a cross-layer transcoder)."""
+        return [self.clt.cfg] if self.clt is not None else [c.cfg for c in self.coders.values()]
+
+    def check_model(self, model) -> None:
+        """MriError unless every dictionary fits `model`: its sites' widths, and the model it was trained
+        on when its config records that model's fingerprint."""
+        for cfg in self.configs():
+            for site_in, site_out in zip(cfg.sites_in, cfg.sites_out, strict=True):
+                widths = (model.site_dim(site_in), model.site_dim(site_out))
+                if widths != (cfg.d_in, cfg.d_out):
+                    raise MriError(
+                        f"the transcoder {site_in} -> {site_out} reads {cfg.d_in} and writes {cfg.d_out} "
+                        f"dimensions, but {model.name} has {widths[0]} and {widths[1]} there: it was made "
+                        "for another model; train transcoders for this one"
+                    )
+            if cfg.model_fingerprint and cfg.model_fingerprint != model.fingerprint():
+                raise MriError(
+                    f"the transcoder at {cfg.sites_in[0]} was trained on another model (fingerprint "
+                    f"{cfg.model_fingerprint}), not on {model.name} as loaded (fingerprint "
+                    f"{model.fingerprint()}); train transcoders for this model, or load the model they "
+                    "were trained on (in the same dtype)"
+                )
+
     # ---- weights -----------------------------------------------------------------------------------
     def W_enc(self, layer: int) -> torch.Tensor:
         """(n_latents, d_in) encoder rows of `layer`."""
