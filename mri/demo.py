@@ -1,7 +1,10 @@
 """`mri demo`: the whole pipeline on the embedded default — a shipped organism and the shipped corpus sample.
 
-Each stage adds its step here as it lands; the demo writes a scan folder (see DESIGN.md) and prints what
-it found. Stages so far: record, decompose, explain.
+The demo writes a scan folder (see DESIGN.md), prints what each stage found, and serves the scan:
+record -> decompose (a TopK SAE) -> explain (atlas, pages, labels) -> steer (a concept feature, strength
+calibrated) -> trace (an attribution graph of a two-hop question) -> audit (a planted organism against its
+base) -> `mri serve`. Steering and tracing use the dictionaries shipped for the model when there are some
+(`mri.zoo.dictionaries`); the audit runs when the model has a planted sibling in the zoo.
 """
 
 from __future__ import annotations
@@ -99,14 +102,91 @@ def demo_sites(model: Model) -> list[str]:
     return [f"blocks.{i}.hook_resid_post" for i in range(model.n_layers)] + ["blocks.1.hook_mlp_out"]
 
 
+def steer_stage(model: Model, sae_dir: Path, out: Path, console: Console) -> dict:
+    """The concept search's best candidate on 50 neutral prompts (one candidate, strength calibrated), using
+    the model's shipped last-block SAE when there is one (steering there keeps fluency best), else the demo's."""
+    from mri.dictionaries import load as load_dictionary
+    from mri.steer import neutral_prompts
+    from mri.steer.concept_demo import concept_search
+    from mri.zoo.dictionaries import available, resolve
+
+    folder = resolve(model.name, "sae")[-1] if "sae" in available().get(model.name, []) else sae_dir
+    found = concept_search(model, load_dictionary(folder), neutral_prompts(50), 1, max_new_tokens=64)
+    result = found["best"]
+    if result is None:
+        console.print(f"steer: no candidate could be steered ({found['tried']})")
+        return {"dictionary": str(folder), "tried": found["tried"]}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "concept.json", found)
+    console.print(
+        f"feature {result['feature']} of {folder.name} ({', '.join(result['concept_tokens'][:4])}, ...) at "
+        f"strength {result['strength']:.3g}: concept in {result['steered_rate']:.0%} of steered vs "
+        f"{result['unsteered_rate']:.0%} of unsteered generations ({result['rate_ratio']:.1f}x), perplexity "
+        f"{result['perplexity_ratio']:.2f}x"
+    )
+    for e in result["examples"][:2]:
+        console.print(f"  [dim]{e['prompt']!r}[/] -> {e['steered'][:100]!r}")
+    return {"dictionary": str(folder), **{k: result[k] for k in ("feature", "strength", "rate_ratio",
+            "perplexity_ratio", "passed")}}  # fmt: skip
+
+
+def trace_stage(model: Model, out: Path, atlas: Path, console: Console) -> dict | None:
+    """An attribution graph through the shipped transcoders of a two-hop question the model answers."""
+    from mri.trace.attribution import attribute
+    from mri.trace.export import write_graph
+    from mri.trace.graph import scores
+    from mri.trace.ground_truth import zoo_world
+    from mri.trace.replacement import ReplacementModel
+    from mri.trace.transcoders import load_transcoders
+    from mri.zoo.dictionaries import available, resolve
+
+    if "transcoders" not in available().get(model.name, []):
+        console.print(f"trace: no transcoders are shipped for {model.name}; skipped")
+        return None
+    rm = ReplacementModel(model, load_transcoders(resolve(model.name, "transcoders"), model.n_layers))
+    question = zoo_world()["two_hop_train"][0]
+    graph = attribute(question["prompt"], rm, max_feature_nodes=1000, batch_size=128)
+    path = write_graph(graph, out / "two-hop.json", labels=None, transcoders=rm.transcoders)
+    s = scores(graph)
+    console.print(
+        f"{question['prompt']!r} -> {question['answer']!r}: {graph.info['n_active_features']} active features, "
+        f"replacement score {s.replacement:.2f}, completeness {s.completeness:.2f} ({path.name})"
+    )
+    return {"graph": str(path.relative_to(out.parent)), "prompt": question["prompt"],
+            "replacement": s.replacement, "completeness": s.completeness}  # fmt: skip
+
+
+def audit_stage(model: Model, sae_dir: Path, out: Path, console: Console) -> dict | None:
+    """Audit the model's planted sibling (the backdoor) against it, through the demo's SAE, blind."""
+    from mri.audit import AuditConfig, audit
+    from mri.dictionaries import load as load_dictionary
+    from mri.zoo.organisms import list_organisms
+
+    variant = f"{model.name.removesuffix('-base')}-backdoor"
+    if variant not in list_organisms():
+        console.print(f"audit: no planted organism {variant!r} in the zoo; skipped")
+        return None
+    planted = load(variant)
+    config = AuditConfig(kl_texts=8, prompts=16, confirm_prompts=8, candidates=16, probes=False)
+    report = audit(planted, model, load_dictionary(sae_dir), out, config, ledger=out / "ledger.jsonl")
+    for f in report["findings"][:3]:
+        console.print(
+            f"  {f['kind']}: {f.get('summary') or f.get('trigger')!r} (confidence {f['confidence']:.2f})"
+        )
+    return {"model": variant, "report": "audit/report.json", "findings": len(report["findings"]),
+            "seconds": report["timings"]["total"]}  # fmt: skip
+
+
 def run_demo(
     out: Path,
     model_name: str = "mri-base",
     corpus: Path | None = None,
     tokens: int = 65536,
     console: Console | None = None,
+    stages: tuple[str, ...] = ("steer", "trace", "audit"),
 ) -> dict:
-    """Run every stage that exists on `model_name` over `corpus`; write the scan to `out`; return its summary."""
+    """Run every stage on `model_name` over `corpus`; write the scan to `out`; return its summary. `stages`
+    picks which of the later stages run (record, decompose and explain always do)."""
     console = console or Console()
     corpus = corpus or sample_corpus()
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +269,19 @@ def run_demo(
     }
     console.print(f"feature pages: {atlas_path / 'html' / 'index.html'}")
 
+    later: dict[str, dict | None] = {}
+    for name, stage in (
+        ("steer", lambda: steer_stage(model, Path(dict_summary["dict"]), out / "steer", console)),
+        ("trace", lambda: trace_stage(model, out / "graphs", atlas_path, console)),
+        ("audit", lambda: audit_stage(model, Path(dict_summary["dict"]), out / "audit", console)),
+    ):
+        if name in stages:
+            console.rule(name)
+            t0 = time.time()
+            later[name] = stage()
+            if later[name] is not None:
+                later[name]["seconds"] = time.time() - t0
+
     summary = {
         "kind": "scan",
         "format_version": 1,
@@ -206,6 +299,7 @@ def run_demo(
             },
             "decompose": dict_summary,
             "explain": explain_summary,
+            **{k: v for k, v in later.items() if v is not None},
         },
         "seconds": time.time() - started,
     }

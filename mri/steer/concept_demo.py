@@ -119,7 +119,7 @@ def token_frequencies(model: Any, corpus: str | Path | None = None, max_docs: in
     counts = torch.zeros(len(model.tokenizer), dtype=torch.float64)
     docs = [d for _, d in zip(range(max_docs), iter_documents(corpus or sample_corpus()), strict=False)]
     for lo in range(0, len(docs), 256):
-        for ids in model.tokenizer(docs[lo : lo + 256], add_special_tokens=False)["input_ids"]:
+        for ids in model.tokenizer(docs[lo : lo + 256], add_special_tokens=False, verbose=False)["input_ids"]:
             counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(counts)).double()
     return counts / counts.sum().clamp_min(1)
 
