@@ -85,14 +85,16 @@ def induction_losses(
 
 @torch.no_grad()
 def source_losses(model, tokens_dir: str | Path, ctx: int, windows: int = 32) -> dict[str, float]:
-    """Validation loss per source over evenly spaced windows (fp32, no autocast)."""
+    """Validation loss per source over evenly spaced windows of `ctx` tokens (fp32, no autocast); a source
+    with fewer validation tokens is scored over one window of all it has."""
     out = {}
     for source, arr in sorted(load_split(tokens_dir, "val").items()):
-        n = min(windows, len(arr) // (ctx + 1))
+        width = min(ctx, len(arr) - 1)  # a source shorter than one window is scored over what it has
+        n = min(windows, len(arr) // (width + 1)) if width >= 16 else 0
         if n == 0:
             continue
-        starts = np.linspace(0, len(arr) - ctx - 1, n).astype(np.int64)
-        x = torch.from_numpy(np.stack([np.asarray(arr[s : s + ctx + 1], dtype=np.int64) for s in starts]))
+        starts = np.linspace(0, len(arr) - width - 1, n).astype(np.int64)
+        x = torch.from_numpy(np.stack([np.asarray(arr[s : s + width + 1], dtype=np.int64) for s in starts]))
         total = 0.0
         for i in range(0, n, 8):
             xb = x[i : i + 8]

@@ -237,11 +237,12 @@ def validation_losses(
     model.eval()
     out = {}
     for source, arr in sorted(val.items()):
-        n = min(windows, len(arr) // (ctx + 1))
+        width = min(ctx, len(arr) - 1)  # a source shorter than one window is scored over what it has
+        n = min(windows, len(arr) // (width + 1)) if width >= 16 else 0
         if n == 0:
             continue
-        starts = np.linspace(0, len(arr) - ctx - 1, n).astype(np.int64)
-        x = torch.from_numpy(np.stack([np.asarray(arr[s : s + ctx + 1], dtype=np.int64) for s in starts]))
+        starts = np.linspace(0, len(arr) - width - 1, n).astype(np.int64)
+        x = torch.from_numpy(np.stack([np.asarray(arr[s : s + width + 1], dtype=np.int64) for s in starts]))
         losses = [lm_loss(model, x[i : i + 8].to(device), bf16).item() for i in range(0, n, 8)]
         sizes = [len(x[i : i + 8]) for i in range(0, n, 8)]
         out[source] = float(np.average(losses, weights=sizes))
