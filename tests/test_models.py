@@ -181,3 +181,20 @@ def test_site_names_and_errors(tiny_model_dir, tmp_path):
     assert len(model.fingerprint()) == 32
     assert mri.load(tiny_model_dir("gpt_neox")).fingerprint() == model.fingerprint()
     assert mri.load(tiny_model_dir("llama")).fingerprint() != model.fingerprint()
+
+
+def test_fingerprint_names_the_weights_not_where_they_live(tiny_model_dir, tmp_path) -> None:
+    """Dictionaries check the model they were trained on by fingerprint: a copy of the folder elsewhere (a
+    fresh clone, an installed package) must match, and a changed weight must not."""
+    import shutil
+
+    import torch
+
+    src = tiny_model_dir("llama")
+    copy = shutil.copytree(src, tmp_path / "elsewhere" / "model")
+    a, b = mri.load(src), mri.load(copy)
+    assert a.fingerprint() == b.fingerprint()
+    with torch.no_grad():
+        next(b.hf.parameters()).view(-1)[0] += 1
+    b._fingerprint = None
+    assert a.fingerprint() != b.fingerprint()

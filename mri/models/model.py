@@ -197,9 +197,14 @@ class Model:
 
     # ---- identity ----------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """sha256 over the config and every weight's bytes: identifies exactly these weights."""
+        """sha256 over the config and every weight's bytes: identifies exactly these weights, wherever the
+        folder lives and whichever transformers version reads it (those config keys are left out)."""
         if self._fingerprint is None:
-            h = hashlib.sha256(self.hf.config.to_json_string(use_diff=False).encode())
+            config = self.hf.config.to_dict()
+            for key in ("_name_or_path", "transformers_version", "_commit_hash"):
+                config.pop(key, None)
+            config = {k: v for k, v in config.items() if not k.startswith("_attn_implementation")}
+            h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
             for name, tensor in sorted(self.hf.state_dict().items()):
                 t = tensor.detach().to("cpu").contiguous()
                 h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
