@@ -14,6 +14,10 @@ between the processes as safetensors files only (no pickle).
     python bench/trace.py                    # prompts of 16 and 64 tokens
     python bench/trace.py --tokens 16        # one prompt length
     python bench/trace.py --no-write         # print only; leave bench/RESULTS.md alone
+    python bench/trace.py --mri-base --tokens 1000   # mri alone on mri-base with its shipped transcoders
+
+`--mri-base` traces the shipped organism with its shipped transcoders on the first context of the shipped
+corpus sample, mri only (circuit-tracer is not run), and replaces the `## trace: mri-base` section instead.
 
 Prints attribute() seconds, prune seconds and peak RSS for each library and the ratios, and replaces the
 `## trace` section of bench/RESULTS.md (unless --no-write).
@@ -36,6 +40,7 @@ VENV = REPO / "bench" / ".venvs" / "circuit-tracer"
 RESULTS = REPO / "bench" / "RESULTS.md"
 PEER_REQUIREMENTS = (("torch==2.13.0",), ("circuit-tracer==0.5.0", "torch==2.13.0"))
 SECTION = "## trace"
+SHIPPED_SECTION = "## trace: mri-base"
 N_LAYERS, D_MODEL, N_LATENTS = 4, 256, 4096
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -161,6 +166,90 @@ def worker_ours(folder: Path, n: int, args: argparse.Namespace) -> dict:
         "prune_s": pruned - attributed,
         "peak_rss_gib": _peak_rss_gib(),
     }
+
+
+def worker_shipped(n: int, args: argparse.Namespace) -> dict:
+    """mri on mri-base with its shipped transcoders, on the first `n`-token context of the corpus sample."""
+    import torch
+
+    import mri
+    from mri.data.corpus import iter_documents, sample_corpus, tokenize_contexts
+    from mri.trace import ReplacementModel, attribute, load_transcoders, prune, scores
+    from mri.zoo.dictionaries import resolve
+
+    torch.set_num_threads(args.threads)
+    m = mri.load("mri-base")
+    rm = ReplacementModel(m, load_transcoders(resolve("mri-base", "transcoders"), m.n_layers))
+    contexts = tokenize_contexts(iter_documents(sample_corpus()), m.tokenizer, n, max_contexts=1)
+    ids = torch.from_numpy(contexts.tokens[0].astype("int64"))
+    start = time.perf_counter()
+    g = attribute(
+        ids,
+        rm,
+        max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob,
+        batch_size=args.batch_size,
+        max_feature_nodes=args.max_feature_nodes,
+    )
+    attributed = time.perf_counter()
+    kept = prune(g, args.node_threshold, args.edge_threshold)
+    pruned = time.perf_counter()
+    s = scores(g)
+    return {
+        "active": int(g.info["n_active_features"]),
+        "feature_nodes": int(g.n_features),
+        "kept_nodes": int(kept.node_mask.sum()),
+        "logits": int(g.n_logits),
+        "attribute_s": attributed - start,
+        "prune_s": pruned - attributed,
+        "peak_rss_gib": _peak_rss_gib(),
+        "replacement": s.replacement,
+        "completeness": s.completeness,
+    }
+
+
+def run_shipped(args: argparse.Namespace, argv: list[str]) -> str:
+    rows = []
+    loads = []
+    for n in args.tokens:
+        loads.append(os.getloadavg()[0])
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", "shipped", "--n", str(n), *argv],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"shipped worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        loads.append(os.getloadavg()[0])
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{n} tokens: mri {row}", file=sys.stderr)
+        rows.append((n, row))
+    info = machine()
+    return "\n".join(
+        [
+            "mri-base (4 layers, d_model 256, context 1,024) with its shipped transcoders "
+            "(mri/zoo/dictionaries/mri-base/transcoders: TopK + skip), the first context of the shipped corpus "
+            f"sample (BOS first); {args.max_n_logits} logits, {args.desired_logit_prob} probability, batch "
+            f"{args.batch_size}, at most {args.max_feature_nodes:,} feature nodes, prune "
+            f"{args.node_threshold}/{args.edge_threshold}; torch.set_num_threads({args.threads}); mri only, "
+            "one run in a fresh process. Peak RSS is the whole process's (model, transcoders, graph).",
+            "",
+            "| prompt tokens | active features | feature nodes | kept nodes | logits | attribute() s | prune s "
+            "| peak RSS GiB | replacement | completeness |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *(
+                f"| {n} | {r['active']:,} | {r['feature_nodes']:,} | {r['kept_nodes']:,} | {r['logits']} "
+                f"| {r['attribute_s']:.1f} | {r['prune_s']:.1f} | {r['peak_rss_gib']:.2f} "
+                f"| {r['replacement']:.3f} | {r['completeness']:.3f} |"
+                for n, r in rows
+            ),
+            "",
+            f"- machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, torch {info['torch']}, "
+            f"transformers {info['transformers']}, mri {info['mri']}; {info['date']}",
+            f"- 1-minute load average {min(loads):.1f} to {max(loads):.1f} around the runs (the machine's "
+            f"{info['cores']} cores were shared with other jobs when it is above ~2)",
+        ]
+    )
 
 
 def worker_theirs(folder: Path, n: int, args: argparse.Namespace) -> dict:
@@ -344,7 +433,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    p.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--mri-base", action="store_true", help="mri alone on mri-base with its shipped transcoders"
+    )
+    p.add_argument("--worker", choices=["ours", "theirs", "shipped"], help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -364,19 +456,25 @@ _WORKER_OPTS = (
 
 def main() -> None:
     args = parse_args(sys.argv[1:])
+    if args.worker == "shipped":
+        print(json.dumps(worker_shipped(args.n, args)))
+        return
     if args.worker:
         fn = worker_ours if args.worker == "ours" else worker_theirs
         print(json.dumps(fn(args.folder, args.n, args)))
         return
-    ensure_peer_venv()
     argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _WORKER_OPTS]
-    body = run(args, argv)
+    if args.mri_base:
+        body, section = run_shipped(args, argv), SHIPPED_SECTION
+    else:
+        ensure_peer_venv()
+        body, section = run(args, argv), SECTION
     print(body)
     if not args.no_write:
         from record import write_section
 
-        write_section(body, SECTION, "bench/trace.py")
-        print(f"\nwrote the {SECTION!r} section of {RESULTS}", file=sys.stderr)
+        write_section(body, section, "bench/trace.py")
+        print(f"\nwrote the {section!r} section of {RESULTS}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,31 @@ def test_scores_are_shares(tiny_model_dir):
     assert 0 < s.replacement < 1 and 0 < s.completeness < 1
     kept = prune(graph)
     assert kept.node_mask[-graph.n_logits :].all()
+
+
+def test_partial_influence_in_chunks_equals_the_matrix_series():
+    """Chunked influence (no copy of the rows) equals sum_k w A^k with A = normalized rows, fed back
+    through each feature row's own column."""
+    from mri.trace.attribution import _partial_influence
+    from mri.trace.graph import normalized
+
+    gen = torch.Generator().manual_seed(0)
+    n_logits, n_feats, n_cols = 2, 9, 15
+    rows = torch.randn(n_logits + n_feats, n_cols, generator=gen)
+    rows[n_logits + 3] = 0  # a row without inputs
+    row_node = torch.tensor([-1] * n_logits + list(range(n_feats)))
+    for i, node in enumerate(row_node.tolist()):  # acyclic: a feature's row reads only later columns
+        if node >= 0:
+            rows[i, : node + 1] = 0
+    probs = torch.tensor([0.7, 0.2])
+    A = normalized(rows)
+    weight = torch.zeros(n_logits + n_feats)
+    weight[:n_logits] = probs
+    expected = torch.zeros(n_cols)
+    for _ in range(n_cols + 1):
+        reach = weight @ A
+        expected += reach
+        weight = torch.zeros_like(weight)
+        weight[n_logits:] = reach[row_node[n_logits:]]
+    for chunk in (1, 4, 512):
+        torch.testing.assert_close(_partial_influence(rows, row_node, probs, chunk=chunk), expected)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from mri.errors import MriError
-from mri.trace.graph import Graph, normalized
+from mri.trace.graph import Graph
 from mri.trace.replacement import ReplacementModel, Snapshot
 
 
@@ -122,19 +122,29 @@ class _Contraction:
             out[:, columns[valid]] = r[:, valid]
 
 
-def _partial_influence(rows: torch.Tensor, row_node: torch.Tensor, logit_probs: torch.Tensor) -> torch.Tensor:
+def _partial_influence(
+    rows: torch.Tensor, row_node: torch.Tensor, logit_probs: torch.Tensor, chunk: int = 512
+) -> torch.Tensor:
     """(n_columns,) influence on the logits of every source, through the rows computed so far.
 
     rows: (n_rows, n_columns), logit rows first; row_node: (n_rows,) the column of each row's own node
-    (-1 for logits).
+    (-1 for logits). The same as iterating `weight @ normalized(rows)`, `chunk` rows at a time, so that no
+    copy of `rows` is made (it is the largest thing attribution holds).
     """
-    A = normalized(rows)
-    weight = torch.zeros(rows.shape[0], dtype=rows.dtype)
+    n_rows = rows.shape[0]
+    scale = torch.empty(n_rows, dtype=rows.dtype)
+    for a in range(0, n_rows, chunk):
+        scale[a : a + chunk] = 1 / rows[a : a + chunk].abs().sum(1).clamp_min(1e-10)
+    weight = torch.zeros(n_rows, dtype=rows.dtype)
     weight[: logit_probs.numel()] = logit_probs.to(rows.dtype)
     is_feature = row_node >= 0
     total = torch.zeros(rows.shape[1], dtype=rows.dtype)
     for _ in range(1000):
-        reach = weight @ A
+        w = weight * scale
+        reach = torch.zeros_like(total)
+        for a in w.nonzero().squeeze(1).div(chunk, rounding_mode="floor").unique().tolist():
+            lo = a * chunk
+            reach += w[lo : lo + chunk] @ rows[lo : lo + chunk].abs()
         if not bool(reach.any()):
             return total
         total += reach
@@ -210,7 +220,10 @@ def attribute(
     n_nodes = n_sel + (n_layers + 1) * n_pos + n_logits
     adjacency = torch.zeros(n_nodes, n_nodes)
     order = torch.searchsorted(selected, row_node[n_logits:])
-    adjacency[order, : n_nodes - n_logits] = rows[n_logits:][:, keep]
+    for a in range(0, n_rows, 1024):  # in chunks: a copy of all rows at once would double peak memory
+        adjacency[order[a : a + 1024], : n_nodes - n_logits] = rows[n_logits + a : n_logits + a + 1024][
+            :, keep
+        ]
     adjacency[n_nodes - n_logits :, : n_nodes - n_logits] = rows[:n_logits][:, keep]
     del rows
     finished = time.perf_counter()
