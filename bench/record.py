@@ -41,28 +41,31 @@ def _venv_python() -> Path:
     return VENV / "bin" / "python"
 
 
-def _ready_marker() -> Path:
-    return VENV / ".bench-record-ready"
+def ensure_venv(venv: Path, groups, name: str, editable: Path | None = None) -> Path:
+    """Create the virtual environment `venv` and pip-install each requirement group in order (then
+    `editable`, with -e) unless a marker from the same requirements says it is ready; returns its python.
 
-
-def _pip(*args: str) -> None:
-    subprocess.run([str(_venv_python()), "-m", "pip", "install", "-q", *args], check=True)
+    Shared by every bench script that runs a peer in its own environment."""
+    python = venv / "bin" / "python"
+    spec = repr((groups, str(editable) if editable else None))
+    marker = venv / f".bench-{name}-ready"
+    if marker.is_file() and marker.read_text() == spec:
+        return python
+    print(f"building {venv} (once; a few minutes) ...", file=sys.stderr)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    for group in groups:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *group], check=True)
+    if editable is not None:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(editable)], check=True)
+    marker.write_text(spec)
+    return python
 
 
 def ensure_peer_venv() -> None:
-    """Create `bench/.venvs/peers` with torch, transformer-lens 3.x, nnsight and mri, unless it is ready."""
-    spec = repr(PEER_REQUIREMENTS)
-    marker = _ready_marker()
-    if marker.is_file() and marker.read_text() == spec:
-        return
-    print(f"building {VENV} (once; a few minutes) ...", file=sys.stderr)
-    if not _venv_python().exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    for group in PEER_REQUIREMENTS:
-        _pip(*group)
-    # mri's own requirements are satisfied where the peers already put them (transformers 4.57.x stays).
-    _pip("-e", str(REPO))
-    marker.write_text(spec)
+    """Create `bench/.venvs/peers` with torch, transformer-lens 3.x, nnsight and mri, unless it is ready.
+    mri's own requirements are satisfied where the peers already put them (transformers 4.57.x stays)."""
+    ensure_venv(VENV, PEER_REQUIREMENTS, "record", editable=REPO)
 
 
 def in_peer_venv() -> bool:

@@ -66,16 +66,10 @@ def _venv_python() -> Path:
 
 def ensure_peer_venv() -> None:
     """Create `bench/.venvs/sae-peers` (torch 2.13.0 CPU, sparsify, SAELens) unless it is ready."""
-    spec = repr(PEER_REQUIREMENTS)
-    marker = VENV / ".bench-train-ready"
-    if marker.is_file() and marker.read_text() == spec:
-        return
-    print(f"building {VENV} (once; a few minutes) ...", file=sys.stderr)
-    if not _venv_python().exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    for group in PEER_REQUIREMENTS:
-        subprocess.run([str(_venv_python()), "-m", "pip", "install", "-q", *group], check=True)
-    marker.write_text(spec)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from record import ensure_venv
+
+    ensure_venv(VENV, PEER_REQUIREMENTS, "train")
 
 
 # ---- synthetic activations (identical in every process) -----------------------------------------------
