@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from mri.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from mri.zoo.tokens import load_split
+from mri.zoo.tokens import load_split, val_windows
 
 
 def load_organism(folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -89,12 +89,10 @@ def source_losses(model, tokens_dir: str | Path, ctx: int, windows: int = 32) ->
     with fewer validation tokens is scored over one window of all it has."""
     out = {}
     for source, arr in sorted(load_split(tokens_dir, "val").items()):
-        width = min(ctx, len(arr) - 1)  # a source shorter than one window is scored over what it has
-        n = min(windows, len(arr) // (width + 1)) if width >= 16 else 0
-        if n == 0:
+        x = val_windows(arr, ctx, windows)
+        if x is None:
             continue
-        starts = np.linspace(0, len(arr) - width - 1, n).astype(np.int64)
-        x = torch.from_numpy(np.stack([np.asarray(arr[s : s + width + 1], dtype=np.int64) for s in starts]))
+        n = len(x)
         total = 0.0
         for i in range(0, n, 8):
             xb = x[i : i + 8]

@@ -175,6 +175,20 @@ def load_split(tokens_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     return arrays
 
 
+def val_windows(arr: np.ndarray, ctx: int, windows: int):
+    """Up to `windows` evenly spaced, non-overlapping (n, ctx + 1) int64 windows of a validation array, for
+    a loss per source; a source shorter than one window gives one window of all it has; None when it has
+    too few tokens (under 17) to score."""
+    import torch
+
+    width = min(ctx, len(arr) - 1)
+    n = min(windows, len(arr) // (width + 1)) if width >= 16 else 0
+    if n == 0:
+        return None
+    starts = np.linspace(0, len(arr) - width - 1, n).astype(np.int64)
+    return torch.from_numpy(np.stack([np.asarray(arr[s : s + width + 1], dtype=np.int64) for s in starts]))
+
+
 def pack_tokens(tokens_dir: str | Path, out_dir: str | Path, max_train_tokens: int | None = None) -> Path:
     """A compressed copy of a tokens folder (lzma `.npy.xz`), optionally keeping only the first
     `max_train_tokens` of each training source; returns `out_dir`."""

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from mri.errors import MriError
 from mri.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from mri.zoo.tokens import TOKENIZER_FILES, load_split, tokens_info
+from mri.zoo.tokens import TOKENIZER_FILES, load_split, tokens_info, val_windows
 
 console = Console(stderr=True)
 
@@ -237,12 +237,10 @@ def validation_losses(
     model.eval()
     out = {}
     for source, arr in sorted(val.items()):
-        width = min(ctx, len(arr) - 1)  # a source shorter than one window is scored over what it has
-        n = min(windows, len(arr) // (width + 1)) if width >= 16 else 0
-        if n == 0:
+        x = val_windows(arr, ctx, windows)
+        if x is None:
             continue
-        starts = np.linspace(0, len(arr) - width - 1, n).astype(np.int64)
-        x = torch.from_numpy(np.stack([np.asarray(arr[s : s + width + 1], dtype=np.int64) for s in starts]))
+        n = len(x)
         losses = [lm_loss(model, x[i : i + 8].to(device), bf16).item() for i in range(0, n, 8)]
         sizes = [len(x[i : i + 8]) for i in range(0, n, 8)]
         out[source] = float(np.average(losses, weights=sizes))
@@ -379,7 +377,9 @@ def train(tokens_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, command
             total = fit_steps(cfg, step, prior + time.time() - t0, time.time() - t_mark, FIT_STEPS)
             stop = total if cfg.stop_after is None else min(total, stop)
             state["planned_steps"] = total
-            console.log(f"schedule fitted to the {cfg.time_limit:.0f} s limit: {total} steps (of {cfg.steps})")
+            console.log(
+                f"schedule fitted to the {cfg.time_limit:.0f} s limit: {total} steps (of {cfg.steps})"
+            )
         lr = lr_at(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
