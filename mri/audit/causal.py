@@ -28,6 +28,18 @@ def _ratio(part: float, whole: float) -> float | None:
     return part / whole if whole > 0 else None
 
 
+def _effects(rate_on: float, rate_ablated: float, rate_off: float, rate_added: float) -> dict:
+    """The behaviour's rates under an intervention, the share it removed and what it induced."""
+    return {
+        "rate": rate_on,
+        "rate_ablated": rate_ablated,
+        "removed": _ratio(rate_on - rate_ablated, rate_on),
+        "rate_without": rate_off,
+        "rate_added": rate_added,
+        "induced": rate_added - rate_off,
+    }
+
+
 def feature_check(
     model: Any,
     dictionary: Any,
@@ -55,12 +67,7 @@ def feature_check(
         "intervention": "features",
         "site": dictionary.cfg.sites_out[0],
         "features": [{"feature": f, "activation": v} for f, v in features],
-        "rate": rate_on,
-        "rate_ablated": rate_ablated,
-        "removed": _ratio(rate_on - rate_ablated, rate_on),
-        "rate_without": rate_off,
-        "rate_added": rate_added,
-        "induced": rate_added - rate_off,
+        **_effects(rate_on, rate_ablated, rate_off, rate_added),
     }
 
 
@@ -106,12 +113,7 @@ def direction_check(
         "intervention": "direction",
         "site": site,
         "norm": float(d.norm()),
-        "rate": rate_on,
-        "rate_ablated": rate_ablated,
-        "removed": _ratio(rate_on - rate_ablated, rate_on),
-        "rate_without": rate_off,
-        "rate_added": rate_added,
-        "induced": rate_added - rate_off,
+        **_effects(rate_on, rate_ablated, rate_off, rate_added),
     }
 
 
