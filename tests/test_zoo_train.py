@@ -232,3 +232,14 @@ def test_count_tokens_matches_what_pretokenize_wrote(zoo_tokens: Path) -> None:
         assert counted["counts"][split] == expected
     assert counted["totals"]["train"] == sum(expected for expected in counted["counts"]["train"].values())
     assert json.loads((Path(info["corpus"]) / "token_counts.json").read_text())["counts"] == counted["counts"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"batch": 0}, "--batch"), ({"ctx": 0}, "--ctx"), ({"time_limit": -1.0}, "--time-limit"),
+     ({"fit_to_time": True}, "--fit-to-time")],
+)  # fmt: skip
+def test_train_refuses_configs_that_cannot_run(zoo_tokens: Path, tmp_path: Path, overrides, message) -> None:
+    with pytest.raises(MriError, match=message):
+        train(zoo_tokens, tmp_path / "run", tiny_config(**overrides))
+    assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -92,6 +92,18 @@ class TrainConfig:
     evaluate: bool = True
     """Run the card's evaluations after saving the final model."""
 
+    def check(self) -> None:
+        """MriError naming the first field that cannot make a run."""
+        for name in ("layers", "d_model", "heads", "ctx", "batch", "tokens"):
+            if getattr(self, name) < 1:
+                raise MriError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise MriError(f"--lr must be positive, not {self.lr}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise MriError(f"--time-limit must be a positive number of seconds, not {self.time_limit}")
+        if self.fit_to_time and self.time_limit is None:
+            raise MriError("--fit-to-time fits the schedule to --time-limit: give both")
+
     @property
     def steps(self) -> int:
         return max(1, self.tokens // (self.batch * self.ctx))
@@ -333,6 +345,7 @@ def train(tokens_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, command
     """
     from mri.zoo.cards import command_line, finalize_model
 
+    cfg.check()
     tokens_dir, out = Path(tokens_dir), Path(out_dir)
     info = tokens_info(tokens_dir)
     out.mkdir(parents=True, exist_ok=True)
