@@ -145,6 +145,10 @@ def process_group(device: str) -> Iterator[tuple[Ranks, str]]:
         if tdist.get_world_size() != ranks.world:
             raise MriError(f"WORLD_SIZE is {ranks.world} but the process group has {tdist.get_world_size()}")
         yield ranks, device
+        # Every rank meets here before the group is torn down: rank 0 still writes the dictionary after
+        # the last step, and gloo aborts a rank whose peer closes its sockets first ("terminate called
+        # without an active exception").
+        tdist.barrier()
     finally:
         if created:
             tdist.destroy_process_group()
