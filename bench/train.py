@@ -4,7 +4,9 @@ Every library trains on identical synthetic activations: fixed-seed `randn` time
 per-dimension offset (seeded too), generated the same way in each process from the same torch build. One step
 = forward, loss, backward, optimizer step, decoder renormalisation, as each library's own trainer does it:
 
-- mri: `Trainer.train_step` on a `SparseCoder` (kind sae, arch topk), sparse kernels on (the default);
+- mri: `Trainer.train_step` on a `SparseCoder` (kind sae, arch topk), sparse kernels on (the default), a latent
+  counted dead after 10M silent tokens as in sparsify (mri's own default, tokens / 20, would start AuxK after
+  10 steps of a 120-step run, work neither peer does in so short a run);
 - sparsify (eai-sparsify 1.3.3): its `SparseCoder` forward, `fvu + auxk_alpha * auxk_loss` with the AuxK dead
   mask, gradient parallel to the decoder rows removed, Adam at its trainer's default learning rate, decoder
   set to unit norm (its `Trainer.fit` body, without the model forward and the logging);
@@ -116,7 +118,7 @@ def setup_mri(d_in: int, n_latents: int, k: int, steps: int, batch: int, device:
     cfg = DictConfig(
         kind="sae", arch="topk", d_in=d_in, n_latents=n_latents, k=k, sites_in=["x"], sites_out=["x"]
     )
-    train_cfg = TrainConfig(tokens=steps * batch, batch_size=batch, autocast=autocast)
+    train_cfg = TrainConfig(tokens=steps * batch, batch_size=batch, autocast=autocast, dead_tokens=10_000_000)
     trainer = Trainer([SparseCoder(cfg, seed=0)], train_cfg, device=device)
 
     def step(x: torch.Tensor) -> None:
@@ -279,6 +281,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def count_syncs(step, x) -> int | str:
+    """Synchronising CUDA calls (host read-backs) that one `step(x)` makes, as torch's sync debug mode flags
+    them; a note instead when this torch cannot tell."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(x)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+    except Exception as e:  # a diagnostic only: never fail the benchmark over it
+        return f"unknown ({type(e).__name__}: {e})"
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def gemm_worker(args: argparse.Namespace) -> dict:
     """Per size: the encoder GEMM batch x d_in @ d_in x N in bf16, mean of 10 after 3 warm-ups."""
     import torch
@@ -328,12 +351,15 @@ def worker(args: argparse.Namespace) -> dict:
             _sync(args.device)
             times.append(time.perf_counter() - start)
         timed = times[args.warmup :]
-        return {
+        result = {
             "mean_s": sum(timed) / len(timed),
             "median_s": statistics.median(timed),
             "best_s": min(timed),
             "checksum": checksum,
         }
+        if args.worker == "mri" and torch.device(args.device).type == "cuda":
+            result["host_syncs"] = count_syncs(step, pool[0])  # one more step, after the timed ones
+        return result
     steps = args.quality_tokens // args.batch
     stream = Stream(args.d_in, args.batch, args.seed)
     step, reconstruct = setup(
@@ -512,6 +538,11 @@ def gpu_report(args, speed, gemm, card) -> list[str]:
                     f"- mri / {NAMES[lib]} tokens/s at d_in {d} / {n:,}: {r['mean_s'] / mri['mean_s']:.2f}x "
                     f"(medians {r['median_s'] / mri['median_s']:.2f}x)"
                 )
+        if "host_syncs" in mri:
+            report.append(
+                f"- mri at d_in {d} / {n:,}: {mri['host_syncs']} synchronising CUDA calls in one step "
+                "(torch.cuda.set_sync_debug_mode, one extra untimed step)"
+            )
         if g and "mean_s" in mri and "mean_s" in rs.get("sparsify", {}):
             ratio = rs["sparsify"]["mean_s"] / mri["mean_s"]
             share = args.batch / mri["mean_s"] / bound
@@ -578,7 +609,10 @@ def _card(args: argparse.Namespace) -> dict:
         "print(json.dumps({'card': torch.cuda.get_device_name() if cuda else 'CPU', "
         "'cuda': torch.version.cuda if cuda else None, 'torch': torch.__version__}))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return {"card": "unknown (no answer in 120 s)"}
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -657,7 +691,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--peer-python", help="interpreter for the sparsify and SAELens workers (default: the peer venv)"
     )
-    p.add_argument("--worker-timeout", type=float, default=None, help="seconds per worker (default: none)")
+    p.add_argument("--worker-timeout", type=float, default=1800, help="seconds per worker (default 1,800)")
     p.add_argument("--out-md", help="write the report body to this file instead of bench/RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     p.add_argument("--worker", choices=LIBS, help=argparse.SUPPRESS)

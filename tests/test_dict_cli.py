@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,11 +221,9 @@ def test_evaluating_on_sites_of_another_width_is_refused(tmp_path, store):
         evaluate(tmp_path / "narrow", store=store, device="cpu")
 
 
-def test_torchrun_trains_what_one_process_trains(tmp_path, store):
-    """`torchrun --nproc-per-node 2 mri dict train` splits each batch over two gloo ranks and writes the
-    dictionary one process writes; rank 1 writes nothing."""
-    args = ["--store", str(store), "--site", "L1.resid_post", "--latents", "48", "--k", "4"]
-    args += ["--tokens", "2048", "--batch-size", "256", "--checkpoint-every", "3", "--device", "cpu"]
+def _torchrun(tmp_path, args: list[str]) -> tuple[subprocess.CompletedProcess, Path]:
+    """`torchrun --nproc-per-node 2 mri dict train ARGS --out two --quiet`: two gloo ranks on the CPU, in a
+    fresh folder (returned) that holds nothing else."""
     script = tmp_path / "cli.py"
     script.write_text("from mri.dictionaries.commands import dict_app\n\ndict_app()\n")
     runs = tmp_path / "runs"
@@ -244,11 +243,68 @@ def test_torchrun_trains_what_one_process_trains(tmp_path, store):
         cwd=runs, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    return done, runs
+
+
+def _one_process(tmp_path, args: list[str]):
+    """What one process writes for the same ARGS."""
+    result = CliRunner().invoke(dict_app, ["train", *args, "--out", str(tmp_path / "one"), "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return load(tmp_path / "one")
+
+
+def test_torchrun_trains_what_one_process_trains(tmp_path, store):
+    """`torchrun --nproc-per-node 2 mri dict train` splits each batch over two gloo ranks and writes the
+    dictionary one process writes; rank 1 writes nothing."""
+    args = ["--store", str(store), "--site", "L1.resid_post", "--latents", "48", "--k", "4"]
+    args += ["--tokens", "2048", "--batch-size", "256", "--checkpoint-every", "3", "--device", "cpu"]
+    done, runs = _torchrun(tmp_path, args)
     assert done.stdout.count("dictionary written") == 1 and "memory:" in done.stdout
     assert sorted(p.name for p in runs.iterdir()) == ["two"]  # no checkpoint left, nothing from rank 1
     assert read_manifest(runs / "two")["processes"] == 2
-    result = CliRunner().invoke(dict_app, ["train", *args, "--out", str(tmp_path / "one"), "--quiet"])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    one, two = load(tmp_path / "one"), load(runs / "two")
+    assert read_manifest(runs / "two")["sharding"] == "batch"
+    one, two = _one_process(tmp_path, args), load(runs / "two")
     for name, want in one.state_dict().items():
         torch.testing.assert_close(two.state_dict()[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torchrun_with_sharded_latents_trains_what_one_process_trains(tmp_path, store):
+    """`--shard-latents`: each of two ranks holds half the latents of a BatchTopK SAE and reads every
+    batch whole; rank 0 gathers the halves (for the checkpoints too) and writes the one dictionary that one
+    process writes, with the same FVU."""
+    args = ["--store", str(store), "--site", "L1.resid_post", "--arch", "batchtopk", "--latents", "96"]
+    args += [
+        "--k",
+        "4",
+        "--tokens",
+        "2048",
+        "--batch-size",
+        "256",
+        "--checkpoint-every",
+        "3",
+        "--device",
+        "cpu",
+    ]
+    done, runs = _torchrun(tmp_path, [*args, "--shard-latents"])
+    assert done.stdout.count("dictionary written") == 1
+    assert sorted(p.name for p in runs.iterdir()) == ["two"]
+    manifest = read_manifest(runs / "two")
+    assert manifest["processes"] == 2 and manifest["sharding"] == "latents"
+    one, two = _one_process(tmp_path, args), load(runs / "two")
+    for name, want in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    fvu = read_manifest(tmp_path / "one")["final_train_metrics"]["fvu"]
+    assert manifest["final_train_metrics"]["fvu"] == pytest.approx(fvu, rel=1e-5)
+
+
+def test_shard_latents_needs_torchrun_and_latents_that_split(tmp_path, store, monkeypatch):
+    common = {"sites": ["L1.resid_post"], "out": tmp_path / "d", "store": store, "k": 2, "tokens": 512}
+    common |= {"batch_size": 128, "progress": False, "device": "cpu", "shard_latents": True}
+    with pytest.raises(MriError, match="run under torchrun --nproc-per-node N"):
+        train(latents=48, **common)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before joining the process group
+    with pytest.raises(MriError, match=r"47 latents do not split evenly over 2 processes.*e\.g\. 48"):
+        train(latents=47, **common)
+    with pytest.raises(MriError, match="not a jumprelu sae; train it data-parallel"):
+        train(latents=48, arch="jumprelu", **common)
+    assert not (tmp_path / "d").exists()

@@ -107,3 +107,43 @@ def test_batchtopk_learns_a_threshold_and_uses_it_at_inference():
     with torch.no_grad():
         sae.batch_threshold.fill_(theta * 2)
     assert (sae.encode(x) > 0).sum() < (acts > 0).sum()
+
+
+def test_row_offsets_are_the_run_starts_with_empty_rows():
+    from mri.dictionaries.sparse_kernels import row_offsets
+
+    rows = torch.tensor([0, 0, 2, 2, 2, 5])
+    counts = torch.bincount(rows, minlength=7)
+    assert (
+        row_offsets(rows, 7).tolist() == (torch.cumsum(counts, 0) - counts).tolist() == [0, 2, 2, 5, 5, 5, 6]
+    )
+    assert row_offsets(rows[:0], 3).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("n_dead", [3, 40])
+def test_auxk_over_the_dead_columns_is_the_masked_topk(n_dead):
+    """AuxK picks among the dead latents' columns only (given their count, so no read-back); its loss and
+    gradients equal a dense reference that masks the live latents to -inf and takes the top aux_k."""
+    from mri.dictionaries.sparse_coder import auxk_loss, fvu
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 16, generator=gen, dtype=torch.float64)
+    W = torch.randn(96, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(96, generator=gen, dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(96, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(24, 16, generator=gen, dtype=torch.float64)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[torch.randperm(96, generator=gen)[:n_dead]] = True
+    pre = (x @ W.T + b).detach()
+    got = auxk_loss(x, [residual], pre, dead, 8, W, b, [W_dec], n_dead=n_dead)
+    got_grads = torch.autograd.grad(got, (W, b, W_dec))
+
+    k = min(8, n_dead)
+    top = pre.masked_fill(~dead, float("-inf")).topk(k, dim=1).indices
+    dense_pre = x @ W.T + b
+    acts = torch.zeros(24, 96, dtype=torch.float64).scatter(1, top, dense_pre.gather(1, top))
+    want = min(n_dead / k, 1.0) * fvu(residual, acts @ W_dec)
+    want_grads = torch.autograd.grad(want, (W, b, W_dec))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the kernels work in fp32
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -324,3 +324,69 @@ def test_memory_estimate_counts_the_weights_exactly(kind, arch):
     two = estimate([cfg, cfg], TrainConfig(tokens=512, batch_size=256), processes=2)
     assert one.weights == one.gradients == one.adam / 2 == 2 * 4 * numbers
     assert two.weights == one.weights and two.rows == 128 and two.activations < one.activations
+
+
+def _dense_reference_step(p: dict, since: torch.Tensor, x: torch.Tensor, opt, k: int, dead_after: int):
+    """One TopK SAE step written densely with plain autograd: (batch, n) activations, masked top-k AuxK,
+    the decoder gradient's parallel part removed, Adam, unit-norm decoder rows, dead counters."""
+    from mri.dictionaries.sparse_coder import fvu
+
+    W_enc, b_enc, W_dec, b_dec = p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"]
+    pre = (x - b_dec) @ W_enc.T + b_enc
+    top = pre.detach().topk(k, dim=1).indices
+    acts = torch.zeros_like(pre).scatter(1, top, torch.relu(pre.gather(1, top)))
+    out = acts @ W_dec + b_dec
+    loss = fvu(x, out)
+    dead = since >= dead_after
+    n_dead = int(dead.sum())
+    if n_dead:
+        aux_k = min(x.shape[1] // 2, n_dead)
+        idx = pre.detach().masked_fill(~dead, float("-inf")).topk(aux_k, dim=1).indices
+        aux = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx))
+        loss = loss + fvu(x - out.detach(), aux @ W_dec) * min(n_dead / aux_k, 1.0) / 32
+    opt.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+    opt.step()
+    with torch.no_grad():
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        fired = torch.zeros(since.shape[0], dtype=torch.bool)
+        fired[top[(acts.gather(1, top) > 0)]] = True
+        since += x.shape[0]
+        since[fired] = 0
+    return float(loss.detach())
+
+
+def test_trainer_steps_are_the_dense_reference_steps():
+    """The trainer's lean step (sparse kernels, AuxK over the dead columns with a count carried from the
+    previous step, in-place decoder projection, fused Adam) gives the weights, losses and dead counters of
+    a dense plain-autograd step, over three steps in which the set of dead latents changes."""
+    cfg = DictConfig(kind="sae", arch="topk", d_in=16, n_latents=96, k=4, sites_in=["a"], sites_out=["a"])
+    tcfg = TrainConfig(
+        tokens=64 * 10,
+        batch_size=64,
+        lr=1e-2,
+        warmup_steps=0,
+        decay_fraction=0.0,
+        dead_tokens=100,
+        normalize=False,
+        b_dec_init="zero",
+    )
+    trainer = Trainer([build(cfg, seed=3)], tcfg)
+    since = torch.zeros(96, dtype=torch.long)
+    since[::3] = 100  # a third of the latents start dead, so AuxK runs from the first step
+    trainer.since_fired[0][0].copy_(since)
+    ref = {n: p.detach().clone().requires_grad_(True) for n, p in trainer.dicts[0].named_parameters()}
+    opt = torch.optim.Adam(list(ref.values()), lr=1e-2, betas=tcfg.adam_betas)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = torch.randn(64, 16, generator=gen) + 0.5
+        got = float(trainer.train_step({"a": x}))
+        want = _dense_reference_step(ref, since, x, opt, 4, 100)
+        assert got == pytest.approx(want, rel=1e-5), step
+        assert torch.equal(trainer.since_fired[0][0], since), step
+        assert trainer._dead_counts == (step + 1, [int((since >= 100).sum())])
+        assert trainer.metrics[0]["auxk"] > 0 and trainer.metrics[0]["l0"] == 4
+        for name, p in trainer.dicts[0].named_parameters():
+            torch.testing.assert_close(p.detach(), ref[name].detach(), rtol=1e-5, atol=1e-5, msg=name)

@@ -92,17 +92,34 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, ...")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--quiet")] = True,
+    shard_latents: Annotated[
+        bool,
+        typer.Option(
+            "--shard-latents", help="Under torchrun: split each dictionary's latents over the processes."
+        ),
+    ] = False,
 ) -> None:
     """Train sparse dictionaries at SITES, from an activation store or streamed from a model.
 
     Under `torchrun --nproc-per-node N`, N data-parallel processes train the same dictionaries: each
     steps on its share of every global batch of --batch-size tokens, the gradients are summed, and rank 0
-    alone writes checkpoints and outputs.
+    alone writes checkpoints and outputs. With --shard-latents, each process holds 1/N of every
+    dictionary's latents instead and all see the whole batch (TopK and BatchTopK SAEs and transcoders).
     """
-    from mri.dictionaries.distributed import process_group
+    from mri.dictionaries.distributed import env_ranks, process_group
 
     if (store is None) == (model is None):
         raise MriError("give either --store DIR or --model M with --corpus C")
+    if shard_latents:
+        from mri.dictionaries.sharding import check_shardable
+
+        world = env_ranks().world
+        if world == 1:
+            raise MriError(
+                "--shard-latents splits the latents over torchrun's processes; run under torchrun "
+                "--nproc-per-node N (N > 1), or drop it"
+            )
+        check_shardable(kind, arch, latents, world)
     if model is not None and corpus is None:
         from mri.data.corpus import sample_corpus
 
@@ -132,6 +149,7 @@ def train(
             checkpoint_every=checkpoint_every,
             resume=resume,
             progress=progress,
+            shard_latents=shard_latents,
         )
 
 
@@ -160,16 +178,19 @@ def _train(
     checkpoint_every: int,
     resume: bool,
     progress: bool,
+    shard_latents: bool = False,
 ) -> None:
-    """`train` on this process's rank."""
+    """`train` on this process's rank: `ranks` split each batch, or with `shard_latents` the latents."""
     from mri.dictionaries import TrainConfig, Trainer, build, save
     from mri.dictionaries.config import differences
+    from mri.dictionaries.distributed import Ranks
     from mri.dictionaries.memory import check_fits, estimate
 
-    if batch_size % ranks.world:
+    data, shards = (Ranks(), ranks) if shard_latents else (ranks, Ranks())
+    if batch_size % data.world:
         raise MriError(
-            f"--batch-size {batch_size} does not split over {ranks.world} processes; use a multiple of "
-            f"{ranks.world}"
+            f"--batch-size {batch_size} does not split over {data.world} processes; use a multiple of "
+            f"{data.world}"
         )
     pairs = site_pairs(sites, kind)
     if store is not None:
@@ -197,7 +218,7 @@ def _train(
         seed=seed,
         checkpoint_every=checkpoint_every,
     )
-    need = estimate(cfgs, tcfg, processes=ranks.world)
+    need = estimate(cfgs, tcfg, processes=data.world, shards=shards.world)
     if ranks.main:
         typer.echo(f"memory: {need.describe()}")
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dev == "cpu" else 1
@@ -210,7 +231,7 @@ def _train(
         raise refusal or MriError("another process has too little memory to train; see its message")
     ckpt = out.with_name(out.name + ".ckpt")
     if resume and ckpt.is_dir():
-        trainer = Trainer.resume(ckpt, device=dev, ranks=ranks)
+        trainer = Trainer.resume(ckpt, device=dev, ranks=data, shards=shards)
         changed = [
             f"dictionary {i}: {change}"
             for i, (old, new) in enumerate(zip([d.cfg for d in trainer.dicts], cfgs, strict=False))
@@ -226,12 +247,12 @@ def _train(
             )
     else:
         trainer = Trainer(
-            [build(c, seed=seed + i) for i, c in enumerate(cfgs)], tcfg, device=dev, ranks=ranks
+            [build(c, seed=seed + i) for i, c in enumerate(cfgs)], tcfg, device=dev, ranks=data, shards=shards
         )
     all_sites = trainer.sites
-    local_batch = batch_size // ranks.world
+    local_batch = batch_size // data.world
     if store is not None:
-        batches = ranks.split(_store_batches(src, all_sites, batch_size, seed))
+        batches = data.split(_store_batches(src, all_sites, batch_size, seed))
     else:
         from itertools import islice
 
@@ -240,19 +261,19 @@ def _train(
 
         batches = stream_from_model(
             m,
-            islice(iter_documents(corpus), ranks.rank, None, ranks.world),
+            islice(iter_documents(corpus), data.rank, None, data.world),
             all_sites,
             local_batch,
             buffer_tokens=max(8 * local_batch, 1 << 16),
             ctx_len=ctx,
-            seed=seed + ranks.rank,
+            seed=seed + data.rank,
             drop_last=True,
         )
     trainer.fit(batches, progress=progress, checkpoint=ckpt if checkpoint_every else None)
+    finished = trainer.finished()  # with sharded latents, every rank sends rank 0 its slices
     if not ranks.main:
         return
     command = "mri " + shlex.join(sys.argv[1:])
-    finished = trainer.finished()
     for d, metrics in zip(finished, trainer.metrics, strict=True):
         folder = out if len(finished) == 1 else out / d.cfg.sites_in[0]
         save(
@@ -262,6 +283,7 @@ def _train(
                 "training_tokens": trainer.step * batch_size,
                 "train_config": trainer.cfg.to_dict(),
                 "processes": ranks.world,
+                "sharding": "latents" if shard_latents else "batch" if ranks.world > 1 else None,
                 "source": str(store) if store is not None else f"{model} on {corpus}",
                 "command": command,
                 "final_train_metrics": metrics,

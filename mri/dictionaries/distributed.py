@@ -5,6 +5,9 @@ Loss terms are normalised by statistics of the whole global batch (its row count
 variance, BatchTopK's selection threshold), so each rank's loss is its share of the single-process loss and
 the summed gradient is the single-process gradient: N ranks train the dictionary one process would on the
 same global batches, up to the order of float sums.
+
+Latent sharding (`mri.dictionaries.sharding`), where every rank holds a slice of the latents instead, uses
+the same `Ranks` for its collectives.
 """
 
 from __future__ import annotations
@@ -78,6 +81,29 @@ class Ranks:
         parts = [torch.empty_like(t) for _ in range(self.world)]
         tdist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
+
+    def part(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This rank's contiguous share of `t` along `dim` (whose size divides by the world size)."""
+        per = t.shape[dim] // self.world
+        return t.narrow(dim, self.rank * per, per)
+
+    def gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor | None:
+        """On rank 0, every rank's `t` (equal shapes) joined along `dim` in rank order, on the CPU, one rank's
+        share in flight at a time; None on the other ranks. `t` itself for a single process."""
+        if self.single:
+            return t
+        import torch.distributed as tdist
+
+        t = t.detach().contiguous()
+        if not self.main:
+            tdist.send(t, dst=0)
+            return None
+        parts = [t.to("cpu", copy=True)]
+        buffer = torch.empty_like(t)
+        for rank in range(1, self.world):
+            tdist.recv(buffer, src=rank)
+            parts.append(buffer.to("cpu", copy=True))
+        return torch.cat(parts, dim)
 
     def sum_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum every parameter's gradient over ranks, in place, in one flat all-reduce."""

@@ -3,7 +3,8 @@
 Weights, gradients and Adam's two moments are fp32 and exact. Activations are an upper estimate for one
 step on a device's rows of the batch: the batch itself and its scaled copies, and the dense (rows,
 n_latents) buffers of the encoder (pre-activations, AuxK's masked copy, top-k work space; with gradients
-too for the dense archs).
+too for the dense archs). With latents sharded over N processes, each holds 1/N of every per-latent number
+(weights, gradients, Adam and the dense buffers) and the whole of the replicated ones (b_dec, W_skip).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def parameter_count(cfg: DictConfig) -> int:
-    """Trainable numbers of the dictionary `cfg` describes (what `build(cfg)` holds as parameters)."""
-    L, n, d_in, d_out = cfg.n_layers, cfg.n_latents, cfg.d_in, cfg.d_out
+def parameter_count(cfg: DictConfig, *, shards: int = 1) -> int:
+    """Trainable numbers of the dictionary `cfg` describes (what `build(cfg)` holds as parameters), or the
+    share of one process when its latents are split over `shards`."""
+    L, n, d_in, d_out = cfg.n_layers, -(-cfg.n_latents // shards), cfg.d_in, cfg.d_out
     decoders = L * (L + 1) // 2 if cfg.kind == "clt" else 1
     count = L * n * (d_in + 1) + decoders * n * d_out + L * d_out
     if cfg.skip:
@@ -66,22 +68,28 @@ def parameter_count(cfg: DictConfig) -> int:
     return count
 
 
-def activation_bytes(cfg: DictConfig, rows: int, *, sparse_kernels: bool = True) -> int:
-    """Upper estimate of one training step's working memory for `cfg` on a batch of `rows` tokens."""
-    L, n = cfg.n_layers, cfg.n_latents
+def activation_bytes(cfg: DictConfig, rows: int, *, sparse_kernels: bool = True, shards: int = 1) -> int:
+    """Upper estimate of one training step's working memory for `cfg` on a batch of `rows` tokens (on one
+    of `shards` processes that split its latents)."""
+    L, n = cfg.n_layers, -(-cfg.n_latents // shards)
     per_layer = rows * (2 * cfg.d_in + 4 * cfg.d_out)
     dense = 3 if cfg.arch in ("topk", "batchtopk") and sparse_kernels else 6
     per_layer += dense * rows * n
     if cfg.arch in ("topk", "batchtopk"):
         per_layer += 3 * rows * cfg.k  # (row, latent, value) of each active pair
+        if shards > 1:
+            per_layer += 2 * rows * cfg.k * shards  # every shard's candidates (value, latent)
     return L * per_layer * FLOAT
 
 
-def estimate(cfgs: Sequence[DictConfig], train: TrainConfig, *, processes: int = 1) -> MemoryEstimate:
-    """Bytes needed on each device to train `cfgs` together with `train`, split over `processes` ranks."""
-    weights = sum(parameter_count(c) for c in cfgs) * FLOAT
+def estimate(
+    cfgs: Sequence[DictConfig], train: TrainConfig, *, processes: int = 1, shards: int = 1
+) -> MemoryEstimate:
+    """Bytes needed on each device to train `cfgs` together with `train`, each batch split over `processes`
+    data-parallel ranks, or each dictionary's latents over `shards` ranks."""
+    weights = sum(parameter_count(c, shards=shards) for c in cfgs) * FLOAT
     rows = -(-train.batch_size // processes)
-    acts = sum(activation_bytes(c, rows, sparse_kernels=train.sparse_kernels) for c in cfgs)
+    acts = sum(activation_bytes(c, rows, sparse_kernels=train.sparse_kernels, shards=shards) for c in cfgs)
     return MemoryEstimate(weights, weights, 2 * weights, acts, rows)
 
 
@@ -103,5 +111,6 @@ def check_fits(need: MemoryEstimate, device: str | torch.device, *, sharing: int
         who = f"{sharing} processes x " if sharing > 1 else ""
         raise MriError(
             f"training needs {who}{need.describe()}, but {torch.device(device)} has {_size(free)} free: "
-            "use a smaller --batch-size (activations) or fewer --latents (weights, gradients and Adam)"
+            "use a smaller --batch-size (activations) or fewer --latents (weights, gradients and Adam), or "
+            "split the latents over more GPUs (torchrun ... --shard-latents)"
         )

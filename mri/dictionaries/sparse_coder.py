@@ -50,8 +50,10 @@ class Latents(NamedTuple):
         """(n_latents,) how many rows each latent was active on (value > 0)."""
         if self.pairs is None:
             return (self.values > 0).sum(0)
-        on = self.values > 0
-        return torch.bincount(self.pairs.latents[on], minlength=n_latents)
+        # index_add_ of 0/1, not bincount of the active pairs: both read counts back to the host on CUDA
+        on = (self.values > 0).long()
+        counts = torch.zeros(n_latents, dtype=torch.long, device=on.device)
+        return counts.index_add_(0, self.pairs.latents, on)
 
     def l0(self) -> torch.Tensor:
         """Mean number of active latents per row."""
@@ -145,6 +147,8 @@ def auxk_loss(
     b_enc: torch.Tensor,
     W_decs: list[torch.Tensor],
     ranks: Ranks | None = None,
+    *,
+    n_dead: int | None = None,
 ) -> torch.Tensor:
     """AuxK: how well each row's top `aux_k` dead latents reconstruct what the live ones left.
 
@@ -152,12 +156,17 @@ def auxk_loss(
     (n_latents,) the dead mask. The dead latents (at their pre-activations, unrectified, so that even a
     latent far below zero gets a gradient) write `residuals[i]` (batch, d_out) through `W_decs[i]`
     (n_latents, d_out); the loss is the mean FVU of those residuals, scaled down by n_dead / aux_k when
-    fewer than aux_k latents are dead.
+    fewer than aux_k latents are dead. A caller that knows `n_dead` (dead.sum(), > 0) saves a read-back.
+
+    The top-k runs over the dead latents' columns of pre only (batch, n_dead), not over all of them.
     """
-    n_dead = int(dead.sum())
+    if n_dead is None:
+        n_dead = int(dead.sum())
     k = min(aux_k, n_dead)
-    masked = pre.detach().masked_fill(~dead, float("-inf"))
-    pairs = topk_pairs(masked, k)
+    # the dead latents in ascending order; a stable sort of the mask, since nonzero() reads its size back
+    columns = torch.argsort(dead.to(torch.uint8), descending=True, stable=True)[:n_dead]
+    sub = topk_pairs(pre.detach().index_select(1, columns), k)
+    pairs = Pairs(sub.rows, columns[sub.latents], sub.offsets)
     values = gather_preacts(x, W_enc, b_enc, pre.detach(), *pairs)
     loss = sum(
         fvu(r, sparse_decode(pairs.latents, values, pairs.offsets, W), ranks)
@@ -170,13 +179,13 @@ def auxk_loss(
 def track_threshold(threshold: torch.Tensor, latents: Latents, ranks: Ranks | None = None) -> torch.Tensor:
     """BatchTopK's inference cut: a running mean of the smallest positive activation each (global) batch
     keeps; `threshold` itself when the batch kept none."""
-    positive = latents.values[latents.values > 0]
-    low = positive.min() if positive.numel() else threshold.new_tensor(float("inf"))
+    inf = threshold.new_full((1,), float("inf"))
+    low = torch.cat([latents.values.masked_fill(latents.values <= 0, float("inf")).to(inf.dtype), inf]).min()
     if ranks is not None:
         low = ranks.min(low)
-    if torch.isinf(low):
-        return threshold
-    return torch.where(threshold <= 0, low, 0.99 * threshold + 0.01 * low)
+    # torch.where, not an `if` on the device's values: no read-back
+    moved = torch.where(threshold <= 0, low, 0.99 * threshold + 0.01 * low)
+    return torch.where(torch.isinf(low), threshold, moved)
 
 
 class SparseCoder(nn.Module):
@@ -296,9 +305,11 @@ class SparseCoder(nn.Module):
         aux_k: int | None = None,
         sparse_kernels: bool = True,
         ranks: Ranks | None = None,
+        n_dead: int | None = None,
     ) -> ForwardOutput:
         """Reconstruct y (default x) from x, both (batch, d); with a `dead` mask (n_latents,), the AuxK loss
-        uses the top `aux_k` (default d_out / 2) dead latents to reconstruct the residual.
+        uses the top `aux_k` (default d_out / 2) dead latents to reconstruct the residual; `n_dead`, when the
+        caller knows it (dead.sum()), spares a read-back from the device.
 
         With data-parallel `ranks`, x and y are this rank's rows and every loss is this rank's share of
         the global batch's loss (the shares sum to it)."""
@@ -311,10 +322,14 @@ class SparseCoder(nn.Module):
         loss = fvu(y, out, ranks)
         zero = loss.new_zeros(())
         auxk = zero
-        if dead is not None and bool(dead.any()):
+        if dead is not None and n_dead is None:
+            n_dead = int(dead.sum())
+        if dead is not None and n_dead > 0:
             aux_k = aux_k or max(self.cfg.d_out // 2, 1)
             x_in, residual = self._centered(x), y - out.detach()
-            auxk = auxk_loss(x_in, [residual], pre, dead, aux_k, self.W_enc, self.b_enc, [self.W_dec], ranks)
+            auxk = auxk_loss(
+                x_in, [residual], pre, dead, aux_k, self.W_enc, self.b_enc, [self.W_dec], ranks, n_dead=n_dead
+            )
         sparsity = zero
         if self.cfg.arch == "relu":
             sparsity = row_mean((latents.values * self.W_dec.norm(dim=1)).sum(-1), ranks) / self.cfg.d_out
@@ -330,7 +345,7 @@ class SparseCoder(nn.Module):
         """Drop the part of W_dec's gradient along each (unit) decoder row, so steps keep the norm."""
         if self.unit_norm and self.W_dec.grad is not None:
             g, w = self.W_dec.grad, self.W_dec
-            g -= (g * w).sum(1, keepdim=True) * w
+            g.addcmul_(w, (g * w).sum(1, keepdim=True), value=-1)  # in place: one (n, d) temporary, not two
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -2,6 +2,7 @@
 
 Neither builds a dense (batch, n_latents) gradient. Active latents are held as flat (row, latent) pairs
 sorted by row, so the same kernels serve TopK (k per row), BatchTopK (a varying count per row) and AuxK.
+Nothing here reads a value back to the host, so on CUDA a training step queues without waiting on the card.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 
 def row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """(n_rows,) start of each row's run in `rows`, a (nnz,) row index sorted ascending."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    return torch.cumsum(counts, 0) - counts
+    # searchsorted, not cumsum(bincount): CUDA's bincount reads the index's min and max back to the host
+    wanted = torch.arange(n_rows, device=rows.device, dtype=rows.dtype)
+    return torch.searchsorted(rows.contiguous(), wanted)
 
 
 def bag_sum(

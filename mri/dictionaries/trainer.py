@@ -4,7 +4,9 @@ Per step: scale inputs (E||x||^2 = d), forward, FVU + AuxK + warmed-up sparsity 
 decoder gradient along unit-norm rows, Adam with LR warm-up and linear decay, renormalise the decoder.
 Checkpoints are safetensors + JSON (no pickle) and resume exactly: the same batches give the same weights.
 Under data parallelism (`Ranks`), each rank steps on its rows of every global batch, the gradients are
-summed over ranks, and only rank 0 writes checkpoints (see `mri.dictionaries.distributed`).
+summed over ranks, and only rank 0 writes checkpoints (see `mri.dictionaries.distributed`). Under latent
+sharding (`shards`), every rank steps on the whole batch with its slice of the latents, and rank 0 gathers
+the slices into the checkpoints and results one process would write (see `mri.dictionaries.sharding`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from mri.dictionaries.clt import CrossLayerTranscoder
 from mri.dictionaries.config import DictConfig, TrainConfig
 from mri.dictionaries.distributed import Ranks
 from mri.dictionaries.io import replace_folder
+from mri.dictionaries.sharding import ShardedSparseCoder, sharded_names
 from mri.dictionaries.sparse_coder import SparseCoder
 from mri.errors import MriError
 
@@ -62,12 +65,34 @@ def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
     return z
 
 
+def _read_back(t: torch.Tensor):
+    """Start copying the small tensor t to the host; the returned function waits for it and gives t.tolist().
+
+    On CUDA the copy goes to pinned memory behind an event, so work queued after this call (the backward)
+    keeps the card busy while the host waits for t alone; on the CPU the values are already there.
+    """
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> list:
+        done.synchronize()
+        return host.tolist()
+
+    return wait
+
+
 class Trainer:
     """Fits `dictionaries` together from batches {site: (batch, d)} that hold every site they read.
 
     With data-parallel `ranks`, every rank builds the same dictionaries (same seeds) and is given its own
     rows of each global batch of `cfg.batch_size` (`Ranks.split`); the trained weights are those of one
-    process on the global batches.
+    process on the global batches. With latent-sharding `shards` instead, every rank is given the same
+    whole dictionaries and the whole of each batch, and keeps its slice of each dictionary's latents
+    (`ShardedSparseCoder`); again the result is one process's.
     """
 
     def __init__(
@@ -77,11 +102,20 @@ class Trainer:
         *,
         device: str | torch.device = "cpu",
         ranks: Ranks | None = None,
+        shards: Ranks | None = None,
     ):
         if not dictionaries:
             raise MriError("nothing to train: give at least one dictionary")
         self.cfg = cfg
         self.ranks = ranks or Ranks()
+        self.shards = shards or Ranks()
+        """The ranks over which each dictionary's latents are split (a single process: not split)."""
+        if not self.shards.single:
+            if not self.ranks.single:
+                raise MriError("latents are sharded or batches split over processes, not both; pick one")
+            if not cfg.sparse_kernels:
+                raise MriError("latent sharding runs on the sparse kernels; keep sparse_kernels on")
+            dictionaries = [ShardedSparseCoder(d, self.shards) for d in dictionaries]
         self.device = torch.device(device)
         self.dicts = [d.to(self.device).train() for d in dictionaries]
         groups = []
@@ -192,7 +226,11 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One optimizer step on `batch` (this rank's rows of it); returns the summed loss (this rank's
         share under data parallelism). Raises MriError, leaving the weights as they were, if the batch
-        does not fit the dictionaries or holds NaN or inf activations."""
+        does not fit the dictionaries or holds NaN or inf activations.
+
+        On CUDA the step waits on the card once, for the forward's small statistics (loss, L0, dead count),
+        and only after the backward is queued, so the card stays busy; everything else stays on the device.
+        The dead count read then tells the next step whether to run AuxK, with no read-back of its own."""
         self._check_widths(batch)
         if self.scales is None:
             self._initialize(batch)
@@ -201,12 +239,19 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr
         dead_after = cfg.dead_after()
+        known, self._dead_counts = self._dead_counts, None
+        if known is not None and known[0] != self.step:
+            known = None
         total = torch.zeros((), device=self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.autocast else nullcontext()
-        global_loss = 0.0
+        stats, coefs = [], []
         for i, d in enumerate(self.dicts):
             xs, ys = self._inputs(i, batch)
-            dead = self.since_fired[i] >= dead_after if cfg.uses_auxk(d.cfg.arch) else None
+            dead, n_dead = None, 0
+            if cfg.uses_auxk(d.cfg.arch):
+                mask = self.since_fired[i] >= dead_after
+                n_dead = known[1][i] if known is not None else int(mask.sum())
+                dead = mask if n_dead > 0 else None  # no dead latent: no AuxK work at all
             with autocast:
                 if isinstance(d, CrossLayerTranscoder):
                     out = d(xs, ys, dead=dead, sparse_kernels=cfg.sparse_kernels, ranks=self.ranks)
@@ -217,15 +262,30 @@ class Trainer:
                         dead=dead[0] if dead is not None else None,
                         sparse_kernels=cfg.sparse_kernels,
                         ranks=self.ranks,
+                        n_dead=n_dead if dead is not None else None,
                     )
             coef = cfg.coefficient(d.cfg.arch) * self.sparsity_factor(self.step)
             loss = out.fvu + cfg.auxk_alpha * out.auxk_loss + coef * out.sparsity_loss
             total = total + loss.float()
-            m = self._track(i, out, xs[0].shape[0])
-            global_loss += m["fvu"] + cfg.auxk_alpha * m["auxk"] + coef * m["sparsity"]
-        self._check_finite(batch, global_loss)
+            stats.append(self._track(i, out, xs[0].shape[0], dead_after))
+            coefs.append(coef)
+        read = _read_back(torch.stack(stats))
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        total.backward()  # queued on CUDA while the statistics travel to the host
+        host = read()
+        global_loss = 0.0
+        for i, (row, coef) in enumerate(zip(host, coefs, strict=True)):
+            fvu_, auxk, sparsity, active, rows, n_dead_next = row
+            n_layers = self.since_fired[i].shape[0]
+            self.metrics[i] = {
+                "fvu": fvu_,
+                "l0": active / max(rows, 1) / n_layers,
+                "auxk": auxk,
+                "sparsity": sparsity,
+                "dead": n_dead_next / self.since_fired[i].numel(),
+            }
+            global_loss += fvu_ + cfg.auxk_alpha * auxk + coef * sparsity
+        self._check_finite(batch, global_loss)
         for d in self.dicts:
             self.ranks.sum_grads(d.parameters())
             d.remove_parallel_grads()
@@ -233,28 +293,32 @@ class Trainer:
         for d in self.dicts:
             d.normalize_decoder()
         self.step += 1
+        self._dead_counts = (self.step, [int(row[5]) for row in host])
         return total.detach()
 
+    _dead_counts: tuple[int, list[int]] | None = None
+    """(step, dead latents per dictionary at the start of that step), read back with the previous step's
+    statistics; None (after a failed step, a resume, or on the first step) or another step: count afresh.
+    Code that edits `since_fired` between steps must set it to None."""
+
     @torch.no_grad()
-    def _track(self, i: int, out: Any, n_rows: int) -> dict[str, float]:
-        """Update dictionary i's dead-latent counters and metrics from a step's output, over all ranks."""
+    def _track(self, i: int, out: Any, n_rows: int, dead_after: int) -> torch.Tensor:
+        """Update dictionary i's dead-latent counters from a step's output, over all ranks, on the device.
+
+        Returns (6,) fvu, auxk, sparsity, active pairs, rows and dead latents after the update, summed over
+        ranks (the last is the next step's dead count), still on the device: nothing is read back here."""
         d = self.dicts[i]
         latents = out.latents if isinstance(out.latents, list) else [out.latents]
-        fired = self.ranks.sum(torch.stack([lat.fired(d.cfg.n_latents) for lat in latents]))
-        active = sum((lat.values > 0).sum() for lat in latents)
+        fired = self.ranks.sum(self.shards.sum(torch.stack([lat.fired(d.cfg.n_latents) for lat in latents])))
+        active = self.shards.sum(sum((lat.values > 0).sum() for lat in latents))
         totals = torch.stack([out.fvu.float(), out.auxk_loss.float(), out.sparsity_loss.float()])
-        stats = self.ranks.sum(torch.cat([totals, torch.stack([active.float(), totals.new_tensor(n_rows)])]))
-        fvu_, auxk, sparsity, active, rows = stats.tolist()
-        self.since_fired[i] += int(rows)
-        self.since_fired[i][fired > 0] = 0
-        self.metrics[i] = {
-            "fvu": fvu_,
-            "l0": active / max(rows, 1) / len(latents),
-            "auxk": auxk,
-            "sparsity": sparsity,
-            "dead": float((self.since_fired[i] >= self.cfg.dead_after()).float().mean()),
-        }
-        return self.metrics[i]
+        rows = totals.new_full((1,), float(n_rows))  # a fill, not a host-to-device copy
+        stats = self.ranks.sum(torch.cat([totals, active.float().reshape(1), rows]))
+        since = self.since_fired[i]
+        since += stats[4].long()
+        since.masked_fill_(fired > 0, 0)
+        n_dead = (since >= dead_after).sum().float().reshape(1)
+        return torch.cat([stats, n_dead])
 
     # ---- the loop ----------------------------------------------------------------------------------
     def fit(
@@ -274,7 +338,7 @@ class Trainer:
         """
         end = min(until if until is not None else self.cfg.steps, self.cfg.steps)
         it: Iterator[dict[str, torch.Tensor]] = islice(iter(batches), self.step, None)
-        with _progress(progress and self.ranks.main) as bar:
+        with _progress(progress and self.main) as bar:
             task = bar.add_task(
                 "training", total=end * self.cfg.batch_size, completed=self.step * self.cfg.batch_size
             )
@@ -301,12 +365,21 @@ class Trainer:
         return self.metrics
 
     # ---- results -----------------------------------------------------------------------------------
+    @property
+    def main(self) -> bool:
+        """Whether this process writes outputs and checkpoints (rank 0)."""
+        return self.ranks.main and self.shards.main
+
     def finished(self) -> list[Dictionary]:
         """Copies of the dictionaries in eval mode with input scales and decoder norms folded in: they act
-        on raw activations."""
+        on raw activations. Under latent sharding every rank must call it, and rank 0 alone gets the whole
+        dictionaries (on the CPU); the other ranks get an empty list."""
         out = []
         for d, scales in zip(self.dicts, self.scales or [{}] * len(self.dicts), strict=True):
-            d = copy.deepcopy(d).eval()
+            d = d.gather() if isinstance(d, ShardedSparseCoder) else copy.deepcopy(d)
+            if d is None:
+                continue
+            d = d.eval()
             if scales:
                 d.fold_scales([scales[s] for s in d.cfg.sites_in], [scales[s] for s in d.cfg.sites_out])
             d.fold_decoder_norms()
@@ -314,19 +387,34 @@ class Trainer:
         return out
 
     # ---- checkpoints -------------------------------------------------------------------------------
+    def _parameter_names(self) -> list[tuple[Dictionary, str]]:
+        """(dictionary, parameter name) of each parameter, in the optimizer's order."""
+        return [(d, name) for d in self.dicts for name, _ in d.named_parameters()]
+
+    def _whole(self, d: Dictionary, name: str, t: torch.Tensor) -> torch.Tensor | None:
+        """t, a tensor of dictionary d's `name` or its Adam state; when that is split over latent shards, its
+        slices gathered on rank 0 (None on the others)."""
+        return self.shards.gather(t) if name in sharded_names(d) and t.dim() else t
+
     def save_checkpoint(self, folder: str | Path) -> Path:
-        """Everything needed to resume exactly, written atomically to `folder` (by rank 0 only)."""
-        if not self.ranks.main:
+        """Everything needed to resume exactly, written atomically to `folder` (by rank 0 only).
+
+        Under latent sharding every rank must call it: rank 0 gathers the slices and writes the checkpoint
+        one process would, so any layout of processes can resume it."""
+        if self.shards.single and not self.ranks.main:
             return Path(folder)
         tensors: dict[str, torch.Tensor] = {}
         for i, d in enumerate(self.dicts):
             for name, t in d.state_dict().items():
-                tensors[f"dict{i}.{name}"] = t
+                tensors[f"dict{i}.{name}"] = self._whole(d, name, t)
             tensors[f"since_fired{i}"] = self.since_fired[i]
         state = self.optimizer.state_dict()
+        params = self._parameter_names()
         for p, entries in state["state"].items():
             for key, value in entries.items():
-                tensors[f"optim.{p}.{key}"] = torch.as_tensor(value)
+                tensors[f"optim.{p}.{key}"] = self._whole(*params[p], torch.as_tensor(value))
+        if not self.main:
+            return Path(folder)
         meta = {
             "step": self.step,
             "train": self.cfg.to_dict(),
@@ -345,10 +433,16 @@ class Trainer:
 
     @classmethod
     def resume(
-        cls, folder: str | Path, *, device: str | torch.device = "cpu", ranks: Ranks | None = None
+        cls,
+        folder: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        ranks: Ranks | None = None,
+        shards: Ranks | None = None,
     ) -> Trainer:
         """A trainer restored from `save_checkpoint(folder)`; call `fit` with the same batches to go on
-        (with `ranks`, any number of data-parallel processes can resume it)."""
+        (with `ranks` or `shards`, any number of data-parallel or latent-sharded processes can resume it).
+        Each process reads the whole checkpoint and keeps its slice."""
         folder = Path(folder)
         if not all((folder / f).is_file() for f in CHECKPOINT_FILES):
             raise MriError(f"{folder} is not a training checkpoint: it needs {', '.join(CHECKPOINT_FILES)}")
@@ -358,17 +452,20 @@ class Trainer:
         for i, d in enumerate(dicts):
             prefix = f"dict{i}."
             d.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        trainer = cls(dicts, TrainConfig.from_dict(meta["train"]), device=device, ranks=ranks)
+        trainer = cls(dicts, TrainConfig.from_dict(meta["train"]), device=device, ranks=ranks, shards=shards)
         trainer.step = meta["step"]
         trainer.scales = meta["scales"]
         trainer.metrics = meta["metrics"]
         for i in range(len(dicts)):
             trainer.since_fired[i].copy_(tensors[f"since_fired{i}"])
         state: dict[str, Any] = {"state": {}, "param_groups": []}
+        params = trainer._parameter_names()
         for name, value in tensors.items():
             if name.startswith("optim."):
                 _, p, key = name.split(".", 2)
-                state["state"].setdefault(int(p), {})[key] = value
+                d, param = params[int(p)]
+                own = trainer.shards.part(value) if param in sharded_names(d) and value.dim() else value
+                state["state"].setdefault(int(p), {})[key] = own
         own = trainer.optimizer.state_dict()["param_groups"]
         state["param_groups"] = [
             {**g, "params": o["params"]} for g, o in zip(meta["param_groups"], own, strict=True)
