@@ -15,9 +15,13 @@ between the processes as safetensors files only (no pickle).
     python bench/trace.py --tokens 16        # one prompt length
     python bench/trace.py --no-write         # print only; leave bench/RESULTS.md alone
     python bench/trace.py --mri-base --tokens 1000   # mri alone on mri-base with its shipped transcoders
+    python bench/trace.py --mri-base --device cuda --tokens 256 1000 --worker-timeout 240 --out-md gpu.md
 
 `--mri-base` traces the shipped organism with its shipped transcoders on the first context of the shipped
-corpus sample, mri only (circuit-tracer is not run), and replaces the `## trace: mri-base` section instead.
+corpus sample, mri only (circuit-tracer is not run), and replaces the `## trace: mri-base` section instead
+(`## trace: mri-base (GPU)` with `--device cuda`: the card's name, peak GPU memory next to the RSS, one
+untimed warm-up attribution of a short prompt first, CUDA synchronized before each clock read).
+`--out-md PATH` writes the report body to PATH instead of bench/RESULTS.md.
 
 Prints attribute() seconds, prune seconds and peak RSS for each library and the ratios, and replaces the
 `## trace` section of bench/RESULTS.md (unless --no-write).
@@ -41,6 +45,13 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 PEER_REQUIREMENTS = (("torch==2.13.0",), ("circuit-tracer==0.5.0", "torch==2.13.0"))
 SECTION = "## trace"
 SHIPPED_SECTION = "## trace: mri-base"
+
+
+def shipped_section(device: str) -> str:
+    """The RESULTS.md heading of an `--mri-base` run: the CPU and GPU figures are separate sections."""
+    return SHIPPED_SECTION if device == "cpu" else f"{SHIPPED_SECTION} (GPU)"
+
+
 N_LAYERS, D_MODEL, N_LATENTS = 4, 256, 4096
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -163,33 +174,54 @@ def worker_ours(folder: Path, n: int, args: argparse.Namespace) -> dict:
 
 
 def worker_shipped(n: int, args: argparse.Namespace) -> dict:
-    """mri on mri-base with its shipped transcoders, on the first `n`-token context of the corpus sample."""
+    """mri on mri-base with its shipped transcoders, on the first `n`-token context of the corpus sample,
+    on `args.device` (the graph, and so pruning, is on the CPU either way)."""
     import torch
 
     import mri
-    from mri.data.corpus import iter_documents, sample_corpus, tokenize_contexts
     from mri.trace import ReplacementModel, attribute, load_transcoders, prune, scores
     from mri.zoo.dictionaries import resolve
 
     torch.set_num_threads(args.threads)
-    m = mri.load("mri-base")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU here")
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    if not args.ids_file:
+        from mri.data.corpus import iter_documents, sample_corpus, tokenize_contexts
+    m = mri.load("mri-base", device=device)
     rm = ReplacementModel(m, load_transcoders(resolve("mri-base", "transcoders"), m.n_layers))
-    contexts = tokenize_contexts(iter_documents(sample_corpus()), m.tokenizer, n, max_contexts=1)
-    ids = torch.from_numpy(contexts.tokens[0].astype("int64"))
-    start = time.perf_counter()
-    g = attribute(
-        ids,
-        rm,
+    if args.ids_file:  # the same context, tokenized ahead (a GPU image may lack pyarrow to read the sample)
+        ids = torch.tensor(json.loads(args.ids_file.read_text())[:n], dtype=torch.long)
+    else:
+        contexts = tokenize_contexts(iter_documents(sample_corpus()), m.tokenizer, n, max_contexts=1)
+        ids = torch.from_numpy(contexts.tokens[0].astype("int64"))
+    options = dict(
         max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob,
         batch_size=args.batch_size,
         max_feature_nodes=args.max_feature_nodes,
     )
-    attributed = time.perf_counter()
+    if cuda:  # CUDA context, kernels and cuBLAS handles are made on first use: not part of the timing
+        attribute(ids[:16], rm, **{**options, "max_feature_nodes": 64})
+        torch.cuda.reset_peak_memory_stats(device)
+    start = clock()
+    g = attribute(ids, rm, **options)
+    attributed = clock()
     kept = prune(g, args.node_threshold, args.edge_threshold)
-    pruned = time.perf_counter()
+    pruned = clock()
     s = scores(g)
+    if g.adjacency.device.type != "cpu":
+        raise RuntimeError(f"attribute() returned a graph on {g.adjacency.device}, not on the CPU")
     return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "active": int(g.info["n_active_features"]),
         "feature_nodes": int(g.n_features),
         "kept_nodes": int(kept.node_mask.sum()),
@@ -202,23 +234,34 @@ def worker_shipped(n: int, args: argparse.Namespace) -> dict:
     }
 
 
+def _run_subprocess(cmd: list[str], what: str, timeout: float | None) -> dict:
+    """Run a worker; its last stdout line is its JSON result. Fails loudly on an error or a timeout."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-3000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        raise RuntimeError(
+            f"{what} worker ran past --worker-timeout {timeout:g}s and was killed:\n{tail}"
+        ) from e
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_shipped(args: argparse.Namespace, argv: list[str]) -> str:
     rows = []
     loads = []
     for n in args.tokens:
         loads.append(os.getloadavg()[0])
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", "shipped", "--n", str(n), *argv],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"shipped worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "shipped", "--n", str(n), *argv]
+        row = _run_subprocess(cmd, "shipped", args.worker_timeout)
         loads.append(os.getloadavg()[0])
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{n} tokens: mri {row}", file=sys.stderr)
         rows.append((n, row))
     info = machine()
+    gpu = args.device != "cpu"
+    card = rows[0][1]["device"] if rows else args.device
     return "\n".join(
         [
             "mri-base (4 layers, d_model 256, context 1,024) with its shipped transcoders "
@@ -226,18 +269,28 @@ def run_shipped(args: argparse.Namespace, argv: list[str]) -> str:
             f"sample (BOS first); {args.max_n_logits} logits, {args.desired_logit_prob} probability, batch "
             f"{args.batch_size}, at most {args.max_feature_nodes:,} feature nodes, prune "
             f"{args.node_threshold}/{args.edge_threshold}; torch.set_num_threads({args.threads}); mri only, "
-            "one run in a fresh process. Peak RSS is the whole process's (model, transcoders, graph).",
+            "one run in a fresh process. Peak RSS is the whole process's (model, transcoders, graph)."
+            + (
+                f" Model and attribution on {card} (`--device {args.device}`), fp32; the graph comes back to "
+                "the CPU, where pruning runs. One untimed warm-up attribution (16 tokens) first; CUDA is "
+                "synchronized before each clock read; peak GPU memory is torch.cuda.max_memory_allocated "
+                "over the timed attribution and pruning."
+                if gpu
+                else ""
+            ),
             "",
             "| prompt tokens | active features | feature nodes | kept nodes | logits | attribute() s | prune s "
-            "| peak RSS GiB | replacement | completeness |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| peak RSS GiB |{' peak GPU GiB |' if gpu else ''} replacement | completeness |",
+            f"|---:|---:|---:|---:|---:|---:|---:|---:|{'---:|' if gpu else ''}---:|---:|",
             *(
                 f"| {n} | {r['active']:,} | {r['feature_nodes']:,} | {r['kept_nodes']:,} | {r['logits']} "
                 f"| {r['attribute_s']:.1f} | {r['prune_s']:.1f} | {r['peak_rss_gib']:.2f} "
-                f"| {r['replacement']:.3f} | {r['completeness']:.3f} |"
+                + (f"| {r['peak_gpu_gib']:.2f} " if gpu else "")
+                + f"| {r['replacement']:.3f} | {r['completeness']:.3f} |"
                 for n, r in rows
             ),
             "",
+            *([f"- device: {card}"] if gpu else []),
             f"- machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, torch {info['torch']}, "
             f"transformers {info['transformers']}, mri {info['mri']}; {info['date']}",
             f"- 1-minute load average {min(loads):.1f} to {max(loads):.1f} around the runs (the machine's "
@@ -428,6 +481,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     p.add_argument(
+        "--out-md", type=Path, help="write the report body to this file instead of bench/RESULTS.md"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="--mri-base only: where mri-base and attribution run (cpu, cuda, cuda:N)",
+    )
+    p.add_argument(
+        "--ids-file",
+        type=Path,
+        help="--mri-base only: a JSON list of token ids (BOS first) to trace instead of the corpus sample's "
+        "first context; write it with --write-ids",
+    )
+    p.add_argument("--write-ids", type=Path, help="write the corpus sample's first context's ids to this file")
+    p.add_argument(
+        "--worker-timeout", type=float, default=None, help="seconds per worker process before it is killed"
+    )
+    p.add_argument(
         "--mri-base", action="store_true", help="mri alone on mri-base with its shipped transcoders"
     )
     p.add_argument("--worker", choices=["ours", "theirs", "shipped"], help=argparse.SUPPRESS)
@@ -445,6 +516,8 @@ _WORKER_OPTS = (
     "node_threshold",
     "edge_threshold",
     "threads",
+    "device",
+    "ids_file",
 )
 
 
@@ -457,14 +530,33 @@ def main() -> None:
         fn = worker_ours if args.worker == "ours" else worker_theirs
         print(json.dumps(fn(args.folder, args.n, args)))
         return
-    argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _WORKER_OPTS]
+    if args.write_ids:
+        import mri
+        from mri.data.corpus import iter_documents, sample_corpus, tokenize_contexts
+
+        tok = mri.load("mri-base").tokenizer
+        n = max(args.tokens)
+        contexts = tokenize_contexts(iter_documents(sample_corpus()), tok, n, max_contexts=1)
+        args.write_ids.write_text(json.dumps(contexts.tokens[0].astype("int64").tolist()))
+        print(f"wrote {n} token ids to {args.write_ids}")
+        return
+    argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _WORKER_OPTS if getattr(args, k) is not None]
     if args.mri_base:
-        body, section = run_shipped(args, argv), SHIPPED_SECTION
+        body, section = run_shipped(args, argv), shipped_section(args.device)
     else:
+        if args.device != "cpu":
+            raise SystemExit(
+                "--device is for --mri-base; the side-by-side with circuit-tracer runs on the CPU"
+            )
         ensure_peer_venv()
         body, section = run(args, argv), SECTION
     print(body)
-    if not args.no_write:
+    if args.out_md:
+        args.out_md.parent.mkdir(parents=True, exist_ok=True)
+        command = " ".join(["python", "bench/trace.py", *sys.argv[1:]])
+        args.out_md.write_text(f"{section}\n\n`{command}`\n\n{body}\n")  # as write_section lays it out
+        print(f"\nwrote {args.out_md}", file=sys.stderr)
+    elif not args.no_write:
         from record import write_section
 
         write_section(body, section, "bench/trace.py")

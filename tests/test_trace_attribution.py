@@ -133,3 +133,40 @@ def test_partial_influence_in_chunks_equals_the_matrix_series():
         weight[n_logits:] = reach[row_node[n_logits:]]
     for chunk in (1, 4, 512):
         torch.testing.assert_close(_partial_influence(rows, row_node, probs, chunk=chunk), expected)
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [("llama", dict(arch="topk", skip=True)), ("gpt2", dict(arch="relu", clt=True))],
+    ids=["llama-topk-skip", "gpt2-clt"],
+)
+def test_attribution_makes_every_tensor_on_the_models_device(tiny_model_dir, family, options):
+    """With torch's default device set to "meta", any tensor that tracing creates without an explicit
+    device= lands on meta and the run fails or comes back on meta. So this CPU test catches what would
+    break on a GPU: every tensor follows the model's device, and the graph comes back on the CPU."""
+    model = mri.load(tiny_model_dir(family), device="cpu")
+    rm = ReplacementModel(model, random_transcoders(model, **options))
+    assert rm.transcoders.device == model.device
+    ids = model.to_tokens(PROMPT)[0]
+    ref = attribute(ids, rm, max_feature_nodes=30, batch_size=8, update_interval=1)
+    ref_kept, ref_scores = prune(ref), scores(ref)
+    key = tuple(ref.features[0].tolist())
+    with torch.device("meta"):
+        graph = attribute(ids, rm, max_feature_nodes=30, batch_size=8, update_interval=1)
+        targeted = attribute(ids, rm, max_feature_nodes=10, targets=[int(ref.logit_ids[0])])
+        kept, s = prune(graph), scores(graph)
+        snap = rm.prepare(ids)
+        with torch.no_grad():
+            constrained = rm.run(snap, {key: 0.0}).logits
+            live = rm.run(snap, {key: 0.0}, live=True).logits
+    for name in ("input_ids", "features", "activations", "logit_ids", "logit_probs", "adjacency"):
+        value = getattr(graph, name)
+        assert value.device.type == "cpu", name
+        assert torch.equal(value, getattr(ref, name)), name
+    assert targeted.adjacency.device.type == "cpu" and targeted.n_logits == 1
+    assert torch.equal(kept.node_mask, ref_kept.node_mask) and torch.equal(kept.edge_mask, ref_kept.edge_mask)
+    assert s == ref_scores
+    assert constrained.device == live.device == model.device
+    with torch.no_grad():
+        base = rm.run(snap).logits
+    assert not torch.equal(constrained, base)  # the ablation reached the logits

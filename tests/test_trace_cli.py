@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import mri
@@ -61,3 +62,22 @@ def test_cli_run_validate_diff(saved, tmp_path):
     assert r.exit_code == 0 and r.output.startswith("nodes +")
     r = runner.invoke(trace_app, ["heads", folder, "--top", "2"])
     assert r.exit_code == 0 and "previous_token: L" in r.output
+
+
+def test_cli_run_device(saved, tmp_path):
+    folder, dicts = saved
+    runner = CliRunner()
+    flags = [arg for d in dicts for arg in ("--dict", d)]
+    flags += ["--prompt", "The quick brown fox", "--max-nodes", "20"]
+    outs = {}
+    for args in ([], ["--device", "cpu"]):
+        out = tmp_path / f"g{len(args)}.json"
+        r = runner.invoke(trace_app, ["run", folder, *flags, "--out", str(out), *args])
+        assert r.exit_code == 0, r.output
+        outs[len(args)] = json.loads(out.read_text())
+    assert outs[0]["nodes"] == outs[2]["nodes"] and outs[0]["links"] == outs[2]["links"]
+    r = runner.invoke(trace_app, ["run", folder, *flags, "--device", "gpu0"])
+    assert r.exit_code != 0 and "is not a device" in str(r.exception)
+    if not torch.cuda.is_available():
+        r = runner.invoke(trace_app, ["run", folder, *flags, "--device", "cuda"])
+        assert r.exit_code != 0 and "no CUDA GPU" in str(r.exception)

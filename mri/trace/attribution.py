@@ -34,7 +34,7 @@ def salient_logits(
     """
     probs = torch.softmax(logits.float(), -1)
     top_p, top_i = probs.topk(min(max_n_logits, probs.numel()))
-    cut = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob))) + 1
+    cut = int(torch.searchsorted(top_p.cumsum(0), top_p.new_tensor(desired_logit_prob))) + 1
     top_p, top_i = top_p[:cut], top_i[:cut]
     return top_i, top_p, unembed[top_i] - unembed.mean(0)
 
@@ -63,7 +63,7 @@ def target_ids(targets: Sequence[str | int], model) -> torch.Tensor:
         raise MriError("give at least one target token")
     if len(set(ids)) != len(ids):
         raise MriError(f"target tokens repeat: {list(targets)}")
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 @contextmanager
@@ -89,6 +89,7 @@ class _Contraction:
     def __init__(self, rm: ReplacementModel, snap: Snapshot):
         tc = rm.transcoders
         self.n_pos = snap.n_pos
+        device = snap.features.device
         self.layers: list[tuple[int, list[int], torch.Tensor, torch.Tensor]] = []
         feats, acts = snap.features, snap.activations
         for layer in tc.layers:
@@ -100,10 +101,10 @@ class _Contraction:
             counts = torch.bincount(pos, minlength=self.n_pos)
             slots = int(counts.max())
             start = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(idx.numel()) - start[pos]
+            slot = torch.arange(idx.numel(), device=device) - start[pos]
             packed = vecs.new_zeros(self.n_pos, slots, vecs.shape[1])
             packed[pos, slot] = vecs
-            columns = torch.full((self.n_pos, slots), -1, dtype=torch.long)
+            columns = torch.full((self.n_pos, slots), -1, dtype=torch.long, device=device)
             columns[pos, slot] = idx
             self.layers.append((layer, tc.targets(layer), packed.transpose(1, 2), columns))
 
@@ -132,13 +133,13 @@ def _partial_influence(
     copy of `rows` is made (it is the largest thing attribution holds).
     """
     n_rows = rows.shape[0]
-    scale = torch.empty(n_rows, dtype=rows.dtype)
+    scale = rows.new_empty(n_rows)
     for a in range(0, n_rows, chunk):
         scale[a : a + chunk] = 1 / rows[a : a + chunk].abs().sum(1).clamp_min(1e-10)
-    weight = torch.zeros(n_rows, dtype=rows.dtype)
+    weight = rows.new_zeros(n_rows)
     weight[: logit_probs.numel()] = logit_probs.to(rows.dtype)
     is_feature = row_node >= 0
-    total = torch.zeros(rows.shape[1], dtype=rows.dtype)
+    total = rows.new_zeros(rows.shape[1])
     for _ in range(1000):
         w = weight * scale
         reach = torch.zeros_like(total)
@@ -157,7 +158,7 @@ def to_ids(prompt: str | torch.Tensor | Sequence[int], model) -> torch.Tensor:
     """(pos,) token ids: a text is tokenized with BOS first; ids pass through."""
     if isinstance(prompt, str):
         return model.to_tokens(prompt)[0].cpu()
-    ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+    ids = torch.as_tensor(prompt, dtype=torch.long, device="cpu").reshape(-1)
     if ids.numel() == 0:
         raise MriError("the prompt has no tokens")
     return ids
@@ -188,7 +189,8 @@ def attribute(
     model = rm.model
     ids = to_ids(prompt, model)
     wanted = None if targets is None else target_ids(targets, model)
-    snap = rm.prepare(ids)
+    snap = rm.prepare(ids)  # on the model's device, like everything attribution computes
+    device = snap.embed.device
     tc = rm.transcoders
     n_layers, n_pos = rm.n_layers, snap.n_pos
     n_active = int(snap.features.shape[0])
@@ -201,7 +203,7 @@ def attribute(
         )
     else:
         W = rm.unembed.detach()
-        logit_ids = wanted
+        logit_ids = wanted.to(device)
         logit_probs = torch.softmax(snap.logits[-1].float(), -1)[logit_ids]
         logit_dirs = W[logit_ids] - W.mean(0)
     n_logits = int(logit_ids.numel())
@@ -215,16 +217,17 @@ def attribute(
     )
 
     selected = visited.nonzero().squeeze(1)
-    keep = torch.cat([selected, torch.arange(n_active, n_cols)])
+    keep = torch.cat([selected, torch.arange(n_active, n_cols, device=device)])
     n_sel = int(selected.numel())
     n_nodes = n_sel + (n_layers + 1) * n_pos + n_logits
-    adjacency = torch.zeros(n_nodes, n_nodes)
-    order = torch.searchsorted(selected, row_node[n_logits:])
+    # the graph lives on the CPU, whatever the model's device
+    adjacency = torch.zeros(n_nodes, n_nodes, device="cpu")
+    order = torch.searchsorted(selected, row_node[n_logits:]).cpu()
     for a in range(0, n_rows, 1024):  # in chunks: a copy of all rows at once would double peak memory
         adjacency[order[a : a + 1024], : n_nodes - n_logits] = rows[n_logits + a : n_logits + a + 1024][
             :, keep
-        ]
-    adjacency[n_nodes - n_logits :, : n_nodes - n_logits] = rows[:n_logits][:, keep]
+        ].cpu()
+    adjacency[n_nodes - n_logits :, : n_nodes - n_logits] = rows[:n_logits][:, keep].cpu()
     del rows
     finished = time.perf_counter()
 
@@ -233,10 +236,10 @@ def attribute(
         prompt=prompt if isinstance(prompt, str) else tok.decode(ids.tolist()),
         input_ids=ids,
         tokens=[tok.decode([i]) for i in ids.tolist()],
-        features=snap.features[selected],
-        activations=snap.activations[selected],
-        logit_ids=logit_ids,
-        logit_probs=logit_probs,
+        features=snap.features[selected].cpu(),
+        activations=snap.activations[selected].cpu(),
+        logit_ids=logit_ids.cpu(),
+        logit_probs=logit_probs.cpu(),
         logit_tokens=[tok.decode([i]) for i in logit_ids.tolist()],
         adjacency=adjacency,
         n_layers=n_layers,
@@ -279,9 +282,12 @@ def _rows(
     n_active = int(snap.features.shape[0])
     n_logits = int(logit_dirs.shape[0])
     n_cols = n_active + (n_layers + 1) * n_pos
+    device = snap.embed.device
     with _no_param_grads(model.hf, *[m for m in (tc.clt, *tc.coders.values()) if m is not None]):
-        embed_leaf = torch.zeros(1, n_pos, model.d_model, requires_grad=True)
-        out_leaves = [torch.zeros(1, n_pos, model.d_model, requires_grad=True) for _ in range(n_layers)]
+        embed_leaf = torch.zeros(1, n_pos, model.d_model, device=device, requires_grad=True)
+        out_leaves = [
+            torch.zeros(1, n_pos, model.d_model, device=device, requires_grad=True) for _ in range(n_layers)
+        ]
 
         def mlp_out(layer: int, x: torch.Tensor) -> torch.Tensor:
             return snap.mlp_out[layer] + out_leaves[layer] + rm._skip_delta(snap, layer, x)
@@ -298,7 +304,7 @@ def _rows(
             inject: dict[int, torch.Tensor] = {}
             for i, (layer, pos, vec) in enumerate(targets):
                 if layer not in inject:
-                    inject[layer] = torch.zeros(n, 1, n_pos, model.d_model)
+                    inject[layer] = torch.zeros(n, 1, n_pos, model.d_model, device=device)
                 inject[layer][i, 0, pos] = vec
             outputs = [fp.final if layer == n_layers else fp.mlp_in[layer] for layer in inject]
             grads = torch.autograd.grad(
@@ -310,7 +316,7 @@ def _rows(
                 is_grads_batched=True,
             )
             grads = [None if g is None else g[:, 0] for g in grads]
-            row = torch.zeros(n, n_cols)
+            row = torch.zeros(n, n_cols, device=device)
             contract(grads[1:], row)
             for t, g in enumerate(grads[1:]):
                 if g is not None:
@@ -320,16 +326,18 @@ def _rows(
                 row[:, n_active + n_layers * n_pos :] = (grads[0] * snap.embed).sum(-1)
             return row
 
-        rows = torch.zeros(n_logits + n_rows, n_cols)
-        row_node = torch.full((n_logits + n_rows,), -1, dtype=torch.long)
+        rows = torch.zeros(n_logits + n_rows, n_cols, device=device)
+        row_node = torch.full((n_logits + n_rows,), -1, dtype=torch.long, device=device)
         for i in range(0, n_logits, batch):
             chunk = range(i, min(i + batch, n_logits))
             rows[chunk.start : chunk.stop] = compute_rows(
                 [(n_layers, n_pos - 1, logit_dirs[k]) for k in chunk]
             )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         logits_done = time.perf_counter()
 
-        visited = torch.zeros(n_active, dtype=torch.bool)
+        visited = torch.zeros(n_active, dtype=torch.bool, device=device)
         filled = n_logits
         while filled < n_logits + n_rows:
             remaining = n_logits + n_rows - filled
@@ -341,9 +349,8 @@ def _rows(
                 pending = score.argsort(descending=True)[: min(update_interval * batch, remaining)]
             pending = pending[snap.features[pending, 0].argsort(stable=True)]  # shallow batches stop early
             for chunk in pending.split(batch):
-                feats = snap.features[chunk]
                 targets = [
-                    (int(layer), int(p), tc.W_enc(int(layer))[int(f)].detach()) for layer, p, f in feats
+                    (layer, p, tc.W_enc(layer)[f].detach()) for layer, p, f in snap.features[chunk].tolist()
                 ]
                 rows[filled : filled + len(chunk)] = compute_rows(targets)
                 row_node[filled : filled + len(chunk)] = chunk

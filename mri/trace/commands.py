@@ -16,7 +16,7 @@ _SHIPPED = typer.Option(
 )
 
 
-def _replacement(model: str, dicts: list[Path], shipped: str | None):
+def _replacement(model: str, dicts: list[Path], shipped: str | None, device: str = "cpu"):
     from mri.errors import MriError
     from mri.models import load
     from mri.trace.replacement import ReplacementModel
@@ -33,8 +33,23 @@ def _replacement(model: str, dicts: list[Path], shipped: str | None):
                 f"shipped for {model!r} (shipped: {', '.join(available()) or 'none'})"
             )
         dicts = resolve(name, "transcoders")
-    m = load(model)
+    m = load(model, device=_device(device))
     return ReplacementModel(m, load_transcoders(dicts, m.n_layers))
+
+
+def _device(name: str):
+    """torch.device(name), or an MriError that says which devices this machine has."""
+    import torch
+
+    from mri.errors import MriError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise MriError(f"--device {name!r} is not a device: give cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MriError(f"--device {name}: this machine has no CUDA GPU (torch {torch.__version__})")
+    return device
 
 
 @trace_app.command("run")
@@ -56,13 +71,16 @@ def run(
     logit_prob: float = typer.Option(0.95, "--logit-prob", help="Logit targets up to this probability."),
     batch_size: int = typer.Option(256, "--batch-size", help="Rows per backward pass."),
     atlas: list[Path] = typer.Option([], "--atlas", help="Atlas folders whose labels name the nodes."),
+    device: str = typer.Option(
+        "cpu", "--device", help="Run the model and attribution here (cpu, cuda, cuda:1); the graph is CPU."
+    ),
 ) -> None:
     """Attribute a prompt and write its pruned graph (circuit-tracer / Neuronpedia JSON)."""
     from mri.trace.attribution import attribute
     from mri.trace.export import atlas_labels, write_graph
     from mri.trace.graph import scores
 
-    rm = _replacement(model, dicts, shipped)
+    rm = _replacement(model, dicts, shipped, device)
     graph = attribute(
         prompt,
         rm,
@@ -152,7 +170,12 @@ def two_hop(
     rm = _replacement(model, dicts, shipped)
     report = two_hop_report(rm.model, rm, world, split=split, limit=limit, max_feature_nodes=max_nodes)
     for case in report.correct:
-        effect = "" if case.ablation is None else f" ablation {case.ablation:+.3f}"
+        effect = (
+            ""
+            if case.ablation is None
+            else f" ablation {case.ablation:+.3f} (random control {case.control_mean:+.3f}, top-influence "
+            f"{case.top_ablation:+.3f})"
+        )
         print(f"{case.prompt!r} -> {case.answer!r} via {case.via}: {len(case.on_path)} on path{effect}")
     print(report.summary())
     if out is not None:

@@ -68,12 +68,12 @@ class Graph:
 
     def feature_index(self, layer: int, pos: int, latent: int) -> int | None:
         """Node index of a feature, or None when it is not in the graph."""
-        hit = (self.features == torch.tensor([layer, pos, latent])).all(1).nonzero()
+        hit = (self.features == self.features.new_tensor([layer, pos, latent])).all(1).nonzero()
         return int(hit[0, 0]) if hit.numel() else None
 
     def logit_weights(self) -> torch.Tensor:
         """(n_nodes,) each logit node's probability, zero elsewhere: where influence starts."""
-        w = torch.zeros(self.n_nodes, dtype=self.adjacency.dtype)
+        w = self.adjacency.new_zeros(self.n_nodes)
         w[self.n_nodes - self.n_logits :] = self.logit_probs.to(w.dtype)
         return w
 
@@ -128,7 +128,7 @@ def _threshold(scores: torch.Tensor, keep: float) -> torch.Tensor:
     if ordered.numel() == 0:
         return flat.new_tensor(float("inf"))
     total = ordered.sum().clamp_min(1e-30)
-    cut = int(torch.searchsorted(ordered.cumsum(0) / total, torch.tensor(keep, dtype=ordered.dtype)))
+    cut = int(torch.searchsorted(ordered.cumsum(0) / total, ordered.new_tensor(keep)))
     return ordered[min(cut, ordered.numel() - 1)]
 
 

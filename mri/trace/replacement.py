@@ -101,7 +101,7 @@ class FrozenNorm:
             scale = (xf.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         weight = module.weight.detach().float() if getattr(module, "weight", None) is not None else None
         gain = (
-            torch.ones(x.shape[-1])
+            torch.ones(x.shape[-1], device=x.device)
             if weight is None
             else (1.0 + weight if kind == "rms_one_plus" else weight)
         )
@@ -185,6 +185,8 @@ class ReplacementModel:
             else TranscoderSet(transcoders, model.n_layers)
         )
         self.transcoders.check_model(model)
+        if self.transcoders.device != model.device:
+            self.transcoders.to(model.device)  # everything follows the model's device
         blocks = get_module(self.hf, self.adapter.blocks)
         self._blocks = list(blocks)
         self._mlp = [get_module(b, self.adapter.mlp) for b in self._blocks]
@@ -455,8 +457,9 @@ class ReplacementModel:
         changes = dict(changes or {})
         tc = self.transcoders
         if changes:
-            keys = torch.tensor(list(changes), dtype=torch.long).reshape(-1, 3)
-            new = torch.tensor(list(changes.values()), dtype=snap.activations.dtype)
+            device = snap.activations.device
+            keys = torch.tensor(list(changes), dtype=torch.long, device=device).reshape(-1, 3)
+            new = torch.tensor(list(changes.values()), dtype=snap.activations.dtype, device=device)
         if not live:
             if changes:
                 old = self._lookup(snap, keys)
@@ -490,9 +493,10 @@ class ReplacementModel:
     @staticmethod
     def _lookup(snap: Snapshot, keys: torch.Tensor) -> torch.Tensor:
         """Activations on the prompt of (layer, pos, latent) rows `keys` (0 where inactive)."""
-        out = torch.zeros(keys.shape[0], dtype=snap.activations.dtype)
+        device = snap.activations.device
+        out = torch.zeros(keys.shape[0], dtype=snap.activations.dtype, device=device)
         for i, key in enumerate(keys.tolist()):
-            hit = (snap.features == torch.tensor(key)).all(1).nonzero()
+            hit = (snap.features == torch.tensor(key, device=device)).all(1).nonzero()
             if hit.numel():
                 out[i] = snap.activations[hit[0, 0]]
         return out

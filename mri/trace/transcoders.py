@@ -108,6 +108,18 @@ class TranscoderSet:
                     "were trained on (in the same dtype)"
                 )
 
+    def to(self, device: str | torch.device) -> TranscoderSet:
+        """Move every dictionary to `device` (in place, as `nn.Module.to` does); returns self."""
+        for module in (self.clt, *self.coders.values()):
+            if module is not None:
+                module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.W_enc(self.layers[0]).device
+
     # ---- weights -----------------------------------------------------------------------------------
     def W_enc(self, layer: int) -> torch.Tensor:
         """(n_latents, d_in) encoder rows of `layer`."""
