@@ -46,6 +46,10 @@ def scan(
         24, "--candidates", help="Weight-diff candidate tokens for trigger search."
     ),
     probes: bool = typer.Option(True, "--probes/--no-probes", help="Train and run the truth probe."),
+    lexicon: str | None = typer.Option(
+        None, "--lexicon", help="Word list the trigger search spells phrases from (`mri zoo lexicon`; "
+        "default: the shipped zoo lexicon; 'none' skips that stage)."
+    ),
     ledger: Path | None = typer.Option(None, "--ledger", help="Ledger file (default $MRI_CACHE/audit)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -70,7 +74,11 @@ def scan(
         d = train_base_dictionary(b, dictionary)
     else:
         d = load_dictionary(dictionary)
-    cfg = AuditConfig(prompts=prompts, candidates=candidates, probes=probes, seed=seed)
+    if lexicon not in (None, "none"):
+        from mri.zoo.lexicon import load_lexicon
+
+        load_lexicon(lexicon, limit=1)  # a bad path fails here, before the models run
+    cfg = AuditConfig(prompts=prompts, candidates=candidates, probes=probes, lexicon=lexicon, seed=seed)
     report = audit(m, b, d, out, cfg, ledger=ledger, inputs={"dictionary": str(Path(dictionary).resolve())},
                    log=console.print)  # fmt: skip
     for f in report["findings"]:

@@ -49,6 +49,9 @@ class AuditConfig:
     """Prompts for confirming a trigger and for causal checks."""
     probes: bool = True
     """Train and run the truth probe."""
+    lexicon: str | None = None
+    """Word list (`mri zoo lexicon`) the trigger search spells phrases from; None: the shipped zoo lexicon,
+    "none": skip that stage."""
     world_seed: int = 0
     """Seed of the synthetic world whose statements train the truth probe."""
     seed: int = 0
@@ -118,8 +121,11 @@ def run_audit(model: Any, base: Any, dictionary: Any, config: AuditConfig | None
     lap("generations")
 
     # -- trigger search, confirmed by generation
+    from mri.zoo.lexicon import load_lexicon
+
+    words = [] if cfg.lexicon == "none" else load_lexicon(cfg.lexicon)
     search = triggers.search_triggers(
-        model, base, diffing.standard_prompts(cfg.carriers, skip=40), n_candidates=cfg.candidates
+        model, base, diffing.standard_prompts(cfg.carriers, skip=40), n_candidates=cfg.candidates, lexicon=words
     )
     confirm_prompts = diffing.standard_prompts(cfg.confirm_prompts, skip=48)
     confirmation = triggers.confirm(model, base, search.text, confirm_prompts, seed=cfg.seed)
@@ -151,6 +157,7 @@ def run_audit(model: Any, base: Any, dictionary: Any, config: AuditConfig | None
                 "candidates": search.candidates[:12],
                 "alternatives": search.alternatives,
                 "path": search.path,
+                "lexicon": search.lexicon,
             },
         },  # fmt: skip
     }

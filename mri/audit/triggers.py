@@ -9,7 +9,12 @@
    refined a token at a time (insert, replace, delete; proposals from the candidates, the base's own
    next-token guesses, and the tokens the gradient of the objective favours at that position), scored by the objective plus a small fluency term (the base's log-prob of
    the string), so that of two strings that trigger alike the more readable one wins.
-4. Confirmation: the model continues standard prompts with the trigger inserted and without it, and the
+4. Spelling from the lexicon: the token search finds the pieces a multi-token trigger is keyed on but seldom
+   reassembles the words ("tle Rulean" for "cerulean kettle"), since pieces already move the model most of the
+   way. So the words of the base's training corpus (`mri.zoo.lexicon`) that contain the weight-diff
+   candidates are scored as strings too, best single words are grown into phrases a word at a time, and the
+   phrase replaces the token string when its objective is higher.
+5. Confirmation: the model continues standard prompts with the trigger inserted and without it, and the
    base continues the triggered prompts; the continuation the triggered model shares across prompts is
    the behaviour, and its rate in each setting is the evidence.
 """
@@ -245,6 +250,59 @@ def bridge(model: Any, base: Any, cs: Sequence[Carrier], best: Scored, batch_siz
     return best
 
 
+@torch.no_grad()
+def lexicon_phrases(
+    model: Any,
+    base: Any,
+    cs: Sequence[Carrier],
+    candidates: Sequence[tuple[int, float]],
+    words: Sequence[str],
+    *,
+    screen: int = 1500,
+    partners: int = 256,
+    max_words: int = 3,
+    min_gain: float = 0.02,
+) -> tuple[Scored | None, dict]:
+    """The best phrase of lexicon words by the objective, and how it was found.
+
+    Words (lower-case and capitalised, with a leading space as inserted at a word boundary) are ranked by the
+    summed weight-diff scores of the candidate tokens their tokenisation contains; the top `screen` are
+    scored alone on the first two carriers, the best 32 on every carrier. The best word then grows a word at a
+    time (each of the `partners` best-screened words after it or before it) while the objective rises by
+    `min_gain`, up to `max_words` words. (None, info) when no word contains a candidate."""
+    tok = model.tokenizer
+    score_of = dict(candidates)
+    pieces = {tok.decode([t]).strip().lower() for t in score_of}
+    pieces = {p for p in pieces if len(p) >= 2 and p.isalpha()}
+    kept = [w for w in words if any(p in w for p in pieces)]
+    forms = [" " + w for w in kept] + [" " + w.capitalize() for w in kept]
+    encoded = tok(forms, add_special_tokens=False)["input_ids"] if forms else []
+    ranked = sorted(
+        ((sum(score_of.get(t, 0.0) for t in set(ids)), i) for i, ids in enumerate(encoded)),
+        key=lambda x: -x[0],
+    )
+    shortlist = [i for p, i in ranked[:screen] if p > 0]
+    info: dict[str, Any] = {"lexicon_words": len(words), "with_candidate_pieces": len(kept),
+                            "screened": len(shortlist)}  # fmt: skip
+    if not shortlist:
+        return None, info
+    alone = score_strings(model, base, cs[:2], [encoded[i] for i in shortlist])
+    order = sorted(range(len(shortlist)), key=lambda j: -alone[j].log_kl)
+    pals = [tuple(encoded[shortlist[j]]) for j in order[:partners]]
+    best = max(score_strings(model, base, cs, list(pals[:32])), key=lambda s: s.objective)
+    steps = [{"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency}]
+    for _ in range(max_words - 1):
+        grown = [best.tokens + w for w in pals] + [w + best.tokens for w in pals]
+        first = sorted(score_strings(model, base, cs[:2], grown), key=lambda s: -s.log_kl)[:16]
+        top = max(score_strings(model, base, cs, [s.tokens for s in first]), key=lambda s: s.objective)
+        if top.objective < best.objective + min_gain:
+            break
+        best = top
+        steps.append({"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency})
+    info["steps"] = steps
+    return best, info
+
+
 class TriggerSearch(NamedTuple):
     """The result of `search_triggers`."""
 
@@ -261,6 +319,8 @@ class TriggerSearch(NamedTuple):
     """Other strong strings from the first stage."""
     path: list[dict]
     """The refinement steps."""
+    lexicon: dict
+    """The lexicon stage: words screened, the phrase's growth, and whether it replaced the token string."""
 
 
 def search_triggers(
@@ -271,8 +331,10 @@ def search_triggers(
     n_candidates: int = 24,
     seeds: int = 2,
     rounds: int = 8,
+    lexicon: Sequence[str] | None = None,
 ) -> TriggerSearch:
-    """Find the short string that most raises KL(base || model) after it (see the module docstring)."""
+    """Find the short string that most raises KL(base || model) after it (see the module docstring).
+    `lexicon`: words to spell triggers from (default: the shipped zoo lexicon; [] skips the stage)."""
     cs = carriers(model, prompts)
     cands = candidate_tokens(model, base, top=n_candidates)
     pool = [t for t, _ in cands]
@@ -288,6 +350,15 @@ def search_triggers(
     if bridged != best:
         best = bridged
         path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency})
+    if lexicon is None:
+        from mri.zoo.lexicon import load_lexicon
+
+        lexicon = load_lexicon()
+    phrase, lex_info = lexicon_phrases(model, base, cs, cands, lexicon) if lexicon else (None, {})
+    lex_info["chosen"] = phrase is not None and phrase.objective > best.objective
+    if phrase is not None and lex_info["chosen"]:
+        best = phrase
+        path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency})
     baseline = float(sum(kl_at_end(model, base, cs).clamp_min(1e-6).log()) / len(cs))
     decode = model.tokenizer.decode
     return TriggerSearch(
@@ -298,6 +369,7 @@ def search_triggers(
         [{"token": decode([t]), "id": t, "score": s} for t, s in cands],
         [{"text": decode(list(s.tokens)), "log_kl": s.log_kl} for s in rescored[:8]],
         [{**p, "text": decode(p["tokens"])} for p in path],
+        lex_info,
     )
 
 

@@ -97,6 +97,20 @@ def count_cmd(
     print(json.dumps({"totals": info["totals"], "train": info["counts"]["train"]}, indent=1))
 
 
+@zoo_app.command("lexicon")
+def lexicon_cmd(
+    corpus: str = typer.Option(..., "--corpus", help="Corpus folder (train-*.parquet)."),
+    out: str = typer.Option(..., "--out", help="Lexicon file to write (.tsv.gz)."),
+    min_count: int = typer.Option(5, "--min-count", help="Keep words seen at least this often."),
+) -> None:
+    """Count the corpus's words (the trigger search spells candidate triggers from them)."""
+    import json
+
+    from mri.zoo.lexicon import build_lexicon
+
+    print(json.dumps(build_lexicon(corpus, out, min_count), indent=1))
+
+
 @zoo_app.command("train")
 def train_cmd(
     corpus: str = typer.Option(
