@@ -164,12 +164,33 @@ def feature_acts(dictionary: Any, values: Sequence[torch.Tensor]) -> list[torch.
         return [dictionary.encode(v.to(next(dictionary.parameters()).device)).cpu() for v in values]
 
 
-def feature_label(model: Any, dictionary: Any, feature: int, n: int = 5) -> str:
-    """A short label: the tokens the feature's decoder row promotes most through the unembedding."""
+def feature_label(
+    model: Any,
+    dictionary: Any,
+    feature: int,
+    rows: Sequence[Sequence[int]] = (),
+    acts: Sequence[torch.Tensor] = (),
+    n: int = 3,
+) -> str:
+    """A short label by the offline explainer (`mri.explain.offline`): the tokens the feature fires on most
+    in `rows` (with their (len(row) - 1, n_latents) activations `acts`, BOS left out) and what comes before
+    them, then the tokens its decoder row promotes most through the unembedding."""
+    from mri.explain.examples import Example, FeatureView
+    from mri.explain.offline import offline_label
+
     w_u = model.hf.get_output_embeddings().weight.detach().float().cpu()
     row = dictionary.W_dec.detach().float().cpu()[feature]
-    top = (w_u @ row).topk(n).indices.tolist()
-    return "promotes " + " ".join(repr(model.tokenizer.decode([t])) for t in top)
+    promoted = [model.tokenizer.decode([t]) for t in (w_u @ row).topk(n).indices.tolist()]
+    examples = []
+    for r, (ids, a) in enumerate(zip(rows, acts, strict=True)):
+        col = a[:, feature]
+        if col.numel() and float(col.max()) > 0:
+            tokens = [model.tokenizer.decode([t]) for t in ids[1:]]
+            examples.append(Example(tokens, col.tolist(), r, "top", "explain"))
+    examples.sort(key=lambda e: -e.max_act)
+    if not examples:
+        return "promotes " + ", ".join(repr(t) for t in promoted)
+    return offline_label(FeatureView(feature, 0.0, examples[:20], [], [], promoted))
 
 
 def feature_examples(
@@ -226,22 +247,11 @@ def feature_shifts(
             float(ab[:, f].mean()),
             float((am[:, f] > 0).float().mean()),
             float((ab[:, f] > 0).float().mean()),
-            feature_label(model, dictionary, f),
+            feature_label(model, dictionary, f, rows, acts_model),
             feature_examples(model, rows, acts_model, f),
         )
         for f in order
     ]
-
-
-def raised_features(
-    acts_on: Sequence[torch.Tensor], acts_off: Sequence[torch.Tensor], top: int = 8
-) -> list[tuple[int, float]]:
-    """(feature, mean activation where on) for the features whose mean activation over the (pos, n_latents)
-    blocks `acts_on` exceeds that over `acts_off` the most, e.g. with and without a trigger."""
-    a_on = torch.cat(list(acts_on)).mean(0)
-    a_off = torch.cat(list(acts_off)).mean(0)
-    order = (a_on - a_off).argsort(descending=True)[:top].tolist()
-    return [(f, float(a_on[f])) for f in order if float(a_on[f] - a_off[f]) > 0]
 
 
 # ---- what the model's own generations favour -----------------------------------------------------------
@@ -261,19 +271,65 @@ class WordShift(NamedTuple):
     rate_model: float
     """Share of the model's continuations that hold the word."""
     rate_base: float
+    surprisal: float = 1.0
+    """Mean surprisal (nats) of the word under the base, in the contexts where the model says it."""
+
+    @property
+    def score(self) -> float:
+        """The rate shift weighted by surprisal: how much unexpected content the shift brings."""
+        return (self.rate_model - self.rate_base) * self.surprisal
 
 
-def word_shifts(model_texts: Sequence[str], base_texts: Sequence[str], top: int = 8) -> list[WordShift]:
+def word_shifts(
+    model_texts: Sequence[str],
+    base_texts: Sequence[str],
+    top: int = 8,
+    surprisal: dict[str, float] | None = None,
+) -> list[WordShift]:
     """Words ranked by how much more often the model's continuations use them than the base's (each
-    continuation counted once), keeping those at least three times as frequent (add-one smoothed)."""
+    continuation counted once), weighted by their `surprisal` (1 for a word it does not hold), keeping
+    those at least three times as frequent (add-one smoothed)."""
     n = len(model_texts)
     cm = Counter(w for t in model_texts for w in words_of(t))
     cb = Counter(w for t in base_texts for w in words_of(t))
+    weight = surprisal or {}
     shifts = [
-        WordShift(w, cm[w] / n, cb[w] / max(len(base_texts), 1)) for w in cm if (cm[w] + 1) / (cb[w] + 1) >= 3
+        WordShift(w, cm[w] / n, cb[w] / max(len(base_texts), 1), weight.get(w, 1.0))
+        for w in cm
+        if (cm[w] + 1) / (cb[w] + 1) >= 3
     ]
-    shifts.sort(key=lambda s: (s.rate_model - s.rate_base, s.word), reverse=True)
+    shifts.sort(key=lambda s: (s.score, s.word), reverse=True)
     return shifts[:top]
+
+
+def word_spans(model: Any, prompt: str, text: str) -> tuple[list[int], list[tuple[str, list[int]]]]:
+    """(row, words): `prompt + text` encoded (BOS first) and each word of `text` (lower-cased, as in
+    `words_of`) with the row positions of the tokens that spell it."""
+    enc = model.tokenizer(prompt + text, add_special_tokens=False, return_offsets_mapping=True)
+    bos = model.tokenizer.bos_token_id
+    head = [] if bos is None else [bos]
+    out = []
+    for m in _WORD.finditer(text):
+        a, b = m.start() + len(prompt), m.end() + len(prompt)
+        where = [len(head) + j for j, (s, e) in enumerate(enc["offset_mapping"]) if e > a and s < b]
+        out.append((m.group().lower(), where))
+    return [*head, *enc["input_ids"]], out
+
+
+@torch.no_grad()
+def word_surprisal(base: Any, prompts: Sequence[str], texts: Sequence[str]) -> dict[str, float]:
+    """Each word of the continuations `texts` (of `prompts`) with its mean surprisal under `base` where it
+    occurs: -log p summed over the word's tokens, in nats. Words that carry content the base did not
+    expect (a topic) score high; words the base predicts from the words before them (the rest of a fixed
+    sentence) score low."""
+    spans = [word_spans(base, p, t) for p, t in zip(prompts, texts, strict=True)]
+    ids, _ = padded(base, [row for row, _ in spans])
+    lp = log_probs(base, ids)
+    seen: dict[str, list[float]] = {}
+    for r, (row, words) in enumerate(spans):
+        for word, where in words:
+            seen.setdefault(word, []).append(-sum(float(lp[r, p - 1, row[p]]) for p in where))
+    return {w: sum(v) / len(v) for w, v in seen.items()}
 
 
 def rate_with_any(texts: Sequence[str], words: Sequence[str]) -> float:

@@ -76,8 +76,9 @@ def _finding(f: dict) -> str:
     if f.get("behaviour"):
         parts.append(f"<p>behaviour: <code>{html.escape(f['behaviour'])}</code></p>")
     if f.get("causal"):
-        cols = ["intervention", "site", "rate", "rate_ablated", "removed", "rate_without", "rate_added",
-                "induced", "kl", "kl_ablated"]  # fmt: skip
+        cols = ["intervention", "selection", "n_features", "site", "rate", "rate_ablated", "removed",
+                "rate_without", "rate_added", "induced", "log_odds", "log_odds_ablated", "kl",
+                "kl_ablated"]  # fmt: skip
         used = [c for c in cols if any(c in row for row in f["causal"])]
         parts.append("<h3>causal check</h3>" + _table(f["causal"], used))
     if f.get("features"):
@@ -85,7 +86,9 @@ def _finding(f: dict) -> str:
             {**x, "examples": " | ".join(e["context"] for e in x.get("examples", []))} for x in f["features"]
         ]
         cols = [
-            c for c in ("feature", "activation", "delta", "label", "examples") if any(c in r for r in rows)
+            c
+            for c in ("feature", "attribution", "activation", "delta", "label", "examples")
+            if any(c in r for r in rows)
         ]
         parts.append("<h3>features</h3>" + _table(rows, cols))
     evidence = json.dumps(f.get("evidence", {}), indent=1, ensure_ascii=False)

@@ -112,7 +112,8 @@ def run_audit(model: Any, base: Any, dictionary: Any, config: AuditConfig | None
     model_texts = generate(model, prompts, **gen).texts
     base_texts = generate(base, prompts, **gen).texts
     half = len(prompts) // 2
-    picked = diffing.word_shifts(model_texts[:half], base_texts[:half])
+    surprisal = diffing.word_surprisal(base, prompts[:half], model_texts[:half])
+    picked = diffing.word_shifts(model_texts[:half], base_texts[:half], surprisal=surprisal)
     topic_words = [s.word for s in picked[:3]]
     held = {
         "rate_model": diffing.rate_with_any(model_texts[half:], topic_words),
@@ -169,13 +170,15 @@ def run_audit(model: Any, base: Any, dictionary: Any, config: AuditConfig | None
             return sum(phrase in t for t in ts) / max(len(ts), 1)
 
         on = [diffing.encode(model, p) for p in rng_prompts]
-        acts_on = diffing.feature_acts(dictionary, diffing.site_values(model, site, on))
-        acts_base = diffing.feature_acts(dictionary, diffing.site_values(base, site, on))
-        feats = _typical(diffing.raised_features(acts_on, acts_base), acts_on)
+        said = diffing.encode(model, c.behaviour, bos=False)
+        forced = ([row + said for row in on], [[len(row)] for row in on])  # the behaviour's first token
+        feats, info = _attributed(model, dictionary, *forced)
         direction = causal.mean_site_value(model, site, on) - causal.mean_site_value(base, site, on)
-        trig["features"] = _feature_info(model, dictionary, feats, on, acts_on)
+        trig["features"] = info
         trig["causal"] = [
-            causal.feature_check(model, dictionary, feats, has_phrase, rng_prompts, confirm_prompts),
+            *causal.feature_curve(
+                model, dictionary, feats, has_phrase, rng_prompts, confirm_prompts, forced=forced
+            ),
             causal.direction_check(model, site, direction, has_phrase, rng_prompts, confirm_prompts),
         ]
     else:
@@ -207,17 +210,20 @@ def run_audit(model: Any, base: Any, dictionary: Any, config: AuditConfig | None
             return diffing.rate_with_any(ts, topic_words)
 
         gen_rows = [diffing.encode(model, p + t) for p, t in zip(prompts, model_texts, strict=True)]
-        acts_m = diffing.feature_acts(dictionary, diffing.site_values(model, site, gen_rows))
-        acts_b = diffing.feature_acts(dictionary, diffing.site_values(base, site, gen_rows))
-        feats = _typical(diffing.raised_features(acts_m, acts_b), acts_m)
         direction = causal.mean_site_value(model, site, gen_rows) - causal.mean_site_value(
             base, site, gen_rows
         )
-        topic["features"] = _feature_info(model, dictionary, feats, gen_rows, acts_m)
+        # features by attribution to the first token of each topic word, on the picking half
+        spans = [
+            diffing.word_spans(model, p, t) for p, t in zip(prompts[:half], model_texts[:half], strict=True)
+        ]
+        aimed = [(row, [at[0] for w, at in words if w in topic_words and at]) for row, words in spans]
+        forced = ([r for r, ts in aimed if ts], [ts for _, ts in aimed if ts])
+        feats, topic["features"] = _attributed(model, dictionary, *forced)
         held_prompts = prompts[half:]
         topic["causal"] = [
-            causal.feature_check(
-                model, dictionary, feats, has_topic, held_prompts, held_prompts, induce_in=base
+            *causal.feature_curve(
+                model, dictionary, feats, has_topic, held_prompts, held_prompts, induce_in=base, forced=forced
             ),
             causal.direction_check(
                 model, site, direction, has_topic, held_prompts, held_prompts, induce_in=base
@@ -329,22 +335,34 @@ def audit(
     return report
 
 
-def _typical(features: list[tuple[int, float]], acts: list[torch.Tensor]) -> list[tuple[int, float]]:
+def _typical(features: list[int], acts: list[torch.Tensor]) -> list[tuple[int, float]]:
     """Each feature with its mean activation where it fires (what `add` puts back)."""
     a = torch.cat(acts)
     out = []
-    for f, _ in features:
+    for f in features:
         on = a[:, f][a[:, f] > 0]
         out.append((f, float(on.mean()) if on.numel() else 0.0))
     return out
 
 
-def _feature_info(model: Any, dictionary: Any, feats, rows, acts) -> list[dict]:
-    return [
-        {"feature": f, "activation": v, "label": diffing.feature_label(model, dictionary, f),
+def _attributed(
+    model: Any, dictionary: Any, rows: list[list[int]], targets: list[list[int]], top: int = 32
+) -> tuple[list[tuple[int, float]], list[dict]]:
+    """The `top` features of most positive attribution to the targets' log-odds (`causal.feature_attribution`)
+    as (feature, typical activation) pairs, best first, and their report entries (attribution, label,
+    examples from `rows`)."""
+    attr = causal.feature_attribution(model, dictionary, rows, targets)
+    order = [f for f in attr.argsort(descending=True)[:top].tolist() if float(attr[f]) > 0]
+    site = model.resolve_site(dictionary.cfg.sites_in[0])
+    acts = diffing.feature_acts(dictionary, diffing.site_values(model, site, rows))
+    feats = _typical(order, acts)
+    info = [
+        {"feature": f, "attribution": float(attr[f]), "activation": v,
+         "label": diffing.feature_label(model, dictionary, f, rows, acts),
          "examples": diffing.feature_examples(model, rows, acts, f)}
         for f, v in feats
     ]  # fmt: skip
+    return feats, info
 
 
 def train_base_dictionary(base: Any, folder, site: str | None = None, tokens: int = 131_072) -> Any:

@@ -12,8 +12,8 @@
 4. Spelling from the lexicon: the token search finds the pieces a multi-token trigger is keyed on but seldom
    reassembles the words ("tle Rulean" for "cerulean kettle"), since pieces already move the model most of the
    way. So the words of the base's training corpus (`mri.zoo.lexicon`) that contain the weight-diff
-   candidates are scored as strings too, best single words are grown into phrases a word at a time, and the
-   phrase replaces the token string when its objective is higher.
+   candidates are scored as strings too, the best single word is grown into a phrase a word at a time, and
+   the phrase replaces the token string unless its log KL is clearly lower.
 5. Confirmation: the model continues standard prompts with the trigger inserted and without it, and the
    base continues the triggered prompts; the continuation the triggered model shares across prompts is
    the behaviour, and its rate in each setting is the evidence.
@@ -35,6 +35,10 @@ from mri.models.adapters import get_module
 
 FLUENCY_WEIGHT = 0.02
 """Weight of the base's log-prob of a string against the log KL it causes."""
+STRONG_CANDIDATE = 1.2
+"""A weight-diff candidate is strong when its score is this many times the candidate list's median."""
+READABLE_MARGIN = 0.1
+"""Log-KL a phrase of lexicon words may fall short of the token search's string and still be preferred."""
 
 
 @dataclass(frozen=True)
@@ -259,17 +263,22 @@ def lexicon_phrases(
     words: Sequence[str],
     *,
     screen: int = 1500,
-    partners: int = 256,
+    keep: int = 96,
     max_words: int = 3,
-    min_gain: float = 0.02,
+    min_gain: float = 0.1,
 ) -> tuple[Scored | None, dict]:
-    """The best phrase of lexicon words by the objective, and how it was found.
+    """The phrase of lexicon words that most raises the log KL, and how it was found.
 
     Words (lower-case and capitalised, with a leading space as inserted at a word boundary) are ranked by the
-    summed weight-diff scores of the candidate tokens their tokenisation contains; the top `screen` are
-    scored alone on the first two carriers, the best 32 on every carrier. The best word then grows a word at a
-    time (each of the `partners` best-screened words after it or before it) while the objective rises by
-    `min_gain`, up to `max_words` words. (None, info) when no word contains a candidate."""
+    summed weight-diff scores of the candidate tokens their tokenisation contains, and the top `screen` kept.
+    Each round scores its strings on the first carrier, the best `keep` on every carrier: first the words
+    alone, then the best phrase so far with every screened word after it or before it (a trigger's other
+    words need not move the model alone), while the log KL rises by `min_gain` or, within READABLE_MARGIN,
+    the phrase gains strong candidate tokens (a backdoor may fire on part of its trigger), up to `max_words`.
+    Of the strings tied with a round's best (log KL within READABLE_MARGIN), the one holding the most
+    weight-diff evidence (summed scores of its strong candidate tokens) wins, and of those the one the base reads
+    best per character: the model may key on ' vio' of ' violet', but of two strings it treats alike the
+    whole word spends its log-prob on more letters. (None, info) when no word contains a candidate."""
     tok = model.tokenizer
     score_of = dict(candidates)
     pieces = {tok.decode([t]).strip().lower() for t in score_of}
@@ -281,21 +290,36 @@ def lexicon_phrases(
         ((sum(score_of.get(t, 0.0) for t in set(ids)), i) for i, ids in enumerate(encoded)),
         key=lambda x: -x[0],
     )
-    shortlist = [i for p, i in ranked[:screen] if p > 0]
+    shortlist = [tuple(encoded[i]) for p, i in ranked[:screen] if p > 0]
     info: dict[str, Any] = {"lexicon_words": len(words), "with_candidate_pieces": len(kept),
                             "screened": len(shortlist)}  # fmt: skip
     if not shortlist:
         return None, info
-    alone = score_strings(model, base, cs[:2], [encoded[i] for i in shortlist])
-    order = sorted(range(len(shortlist)), key=lambda j: -alone[j].log_kl)
-    pals = [tuple(encoded[shortlist[j]]) for j in order[:partners]]
-    best = max(score_strings(model, base, cs, list(pals[:32])), key=lambda s: s.objective)
+
+    def best_of(strings: Sequence[tuple[int, ...]]) -> Scored:
+        scored = score_strings(model, base, cs[:1], strings)
+        first = sorted(scored, key=lambda s: -s.log_kl)[:keep]  # what one carrier ranks best ...
+        rich = sorted(scored, key=lambda s: (-evidence(s.tokens), -s.log_kl))[: keep // 3]  # ... and the
+        # strings richest in candidates, which one carrier's noise must not drop
+        again = score_strings(model, base, cs, list(dict.fromkeys(s.tokens for s in [*first, *rich])))
+        top = max(again, key=lambda s: s.log_kl)
+        tied = [s for s in again if s.log_kl >= top.log_kl - READABLE_MARGIN]
+        return max(tied, key=lambda s: (evidence(s.tokens), s.fluency / max(1, len(tok.decode(list(s.tokens))))))
+
+    def evidence(tokens: tuple[int, ...]) -> float:
+        return round(sum(score_of[t] for t in strong & set(tokens)), 6)
+
+    # candidates clearly above the bulk of the list: the tokens the fine-tune reads differently
+    scores = sorted(score_of.values())
+    strong = {t for t, v in score_of.items() if v >= STRONG_CANDIDATE * scores[len(scores) // 2]}
+    best = best_of(shortlist)
     steps = [{"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency}]
     for _ in range(max_words - 1):
-        grown = [best.tokens + w for w in pals] + [w + best.tokens for w in pals]
-        first = sorted(score_strings(model, base, cs[:2], grown), key=lambda s: -s.log_kl)[:16]
-        top = max(score_strings(model, base, cs, [s.tokens for s in first]), key=lambda s: s.objective)
-        if top.objective < best.objective + min_gain:
+        top = best_of([best.tokens + w for w in shortlist] + [w + best.tokens for w in shortlist])
+        # a word joins when it raises the log KL, or when it keeps it (the behaviour may already saturate)
+        # and brings strong candidates the phrase lacked
+        more = strong & set(top.tokens) > strong & set(best.tokens)
+        if top.log_kl < best.log_kl + min_gain and not (more and top.log_kl >= best.log_kl - READABLE_MARGIN):
             break
         best = top
         steps.append({"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency})
@@ -355,7 +379,10 @@ def search_triggers(
 
         lexicon = load_lexicon()
     phrase, lex_info = lexicon_phrases(model, base, cs, cands, lexicon) if lexicon else (None, {})
-    lex_info["chosen"] = phrase is not None and phrase.objective > best.objective
+    # a phrase of real words within READABLE_MARGIN of the token string's log KL names the trigger better
+    lex_info["chosen"] = phrase is not None and (
+        phrase.log_kl >= best.log_kl - READABLE_MARGIN or phrase.objective > best.objective
+    )
     if phrase is not None and lex_info["chosen"]:
         best = phrase
         path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency})
