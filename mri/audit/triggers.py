@@ -273,8 +273,7 @@ def lexicon_phrases(
     summed weight-diff scores of the candidate tokens their tokenisation contains, and the top `screen` kept.
     Each round scores its strings on the first carrier, the best `keep` on every carrier: first the words
     alone, then the best phrase so far with every screened word after it or before it (a trigger's other
-    words need not move the model alone), while the log KL rises by `min_gain` or, within READABLE_MARGIN,
-    the phrase gains strong candidate tokens (a backdoor may fire on part of its trigger), up to `max_words`.
+    words need not move the model alone), while the log KL rises by `min_gain`, up to `max_words` words.
     Of the strings tied with a round's best (log KL within READABLE_MARGIN), the one holding the most
     weight-diff evidence (summed scores of its strong candidate tokens) wins, and of those the one the base reads
     best per character: the model may key on ' vio' of ' violet', but of two strings it treats alike the
@@ -316,10 +315,9 @@ def lexicon_phrases(
     steps = [{"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency}]
     for _ in range(max_words - 1):
         top = best_of([best.tokens + w for w in shortlist] + [w + best.tokens for w in shortlist])
-        # a word joins when it raises the log KL, or when it keeps it (the behaviour may already saturate)
-        # and brings strong candidates the phrase lacked
-        more = strong & set(top.tokens) > strong & set(best.tokens)
-        if top.log_kl < best.log_kl + min_gain and not (more and top.log_kl >= best.log_kl - READABLE_MARGIN):
+        # a word joins only when it raises the log KL: strong candidates also hold the behaviour's own tokens
+        # (' I', ' must' for " I must obey ..."), so evidence alone adds words that are not the trigger
+        if top.log_kl < best.log_kl + min_gain:
             break
         best = top
         steps.append({"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency})
