@@ -173,6 +173,14 @@ def worker_ours(folder: Path, n: int, args: argparse.Namespace) -> dict:
     }
 
 
+def first_context(tokenizer, n: int) -> list[int]:
+    """The token ids (BOS first) of the shipped corpus sample's first `n`-token context: the traced prompt."""
+    from mri.data.corpus import iter_documents, sample_corpus, tokenize_contexts
+
+    contexts = tokenize_contexts(iter_documents(sample_corpus()), tokenizer, n, max_contexts=1)
+    return contexts.tokens[0].astype("int64").tolist()
+
+
 def worker_shipped(n: int, args: argparse.Namespace) -> dict:
     """mri on mri-base with its shipped transcoders, on the first `n`-token context of the corpus sample,
     on `args.device` (the graph, and so pruning, is on the CPU either way)."""
@@ -193,15 +201,12 @@ def worker_shipped(n: int, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    if not args.ids_file:
-        from mri.data.corpus import iter_documents, sample_corpus, tokenize_contexts
     m = mri.load("mri-base", device=device)
     rm = ReplacementModel(m, load_transcoders(resolve("mri-base", "transcoders"), m.n_layers))
     if args.ids_file:  # the same context, tokenized ahead (a GPU image may lack pyarrow to read the sample)
         ids = torch.tensor(json.loads(args.ids_file.read_text())[:n], dtype=torch.long)
     else:
-        contexts = tokenize_contexts(iter_documents(sample_corpus()), m.tokenizer, n, max_contexts=1)
-        ids = torch.from_numpy(contexts.tokens[0].astype("int64"))
+        ids = torch.tensor(first_context(m.tokenizer, n), dtype=torch.long)
     options = dict(
         max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob,
@@ -532,14 +537,14 @@ def main() -> None:
         return
     if args.write_ids:
         import mri
-        from mri.data.corpus import iter_documents, sample_corpus, tokenize_contexts
 
-        tok = mri.load("mri-base").tokenizer
         n = max(args.tokens)
-        contexts = tokenize_contexts(iter_documents(sample_corpus()), tok, n, max_contexts=1)
-        args.write_ids.write_text(json.dumps(contexts.tokens[0].astype("int64").tolist()))
+        args.write_ids.parent.mkdir(parents=True, exist_ok=True)
+        args.write_ids.write_text(json.dumps(first_context(mri.load("mri-base").tokenizer, n)))
         print(f"wrote {n} token ids to {args.write_ids}")
         return
+    if args.ids_file and not args.ids_file.is_file():
+        raise SystemExit(f"--ids-file {args.ids_file}: no such file; write one with --write-ids PATH --tokens N")
     argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _WORKER_OPTS if getattr(args, k) is not None]
     if args.mri_base:
         body, section = run_shipped(args, argv), shipped_section(args.device)

@@ -48,6 +48,8 @@ def test_lexicon_cli_and_bad_input(tmp_path: Path) -> None:
     (tmp_path / "plain.txt").write_text("alpha\n")
     with pytest.raises(MriError, match="not a gzip lexicon"):
         load_lexicon(tmp_path / "plain.txt")
+    with pytest.raises(MriError, match="min-count"):
+        build_lexicon(corpus, tmp_path / "x.gz", min_count=0)
     with pytest.raises(MriError, match="not a finished corpus"):
         build_lexicon(tmp_path, tmp_path / "x.gz")
 

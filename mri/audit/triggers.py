@@ -295,6 +295,13 @@ def lexicon_phrases(
     if not shortlist:
         return None, info
 
+    # candidates clearly above the bulk of the list: the tokens the fine-tune reads differently
+    scores = sorted(score_of.values())
+    strong = {t for t, v in score_of.items() if v >= STRONG_CANDIDATE * scores[len(scores) // 2]}
+
+    def evidence(tokens: tuple[int, ...]) -> float:
+        return round(sum(score_of[t] for t in strong & set(tokens)), 6)
+
     def best_of(strings: Sequence[tuple[int, ...]]) -> Scored:
         scored = score_strings(model, base, cs[:1], strings)
         first = sorted(scored, key=lambda s: -s.log_kl)[:keep]  # what one carrier ranks best ...
@@ -305,12 +312,6 @@ def lexicon_phrases(
         tied = [s for s in again if s.log_kl >= top.log_kl - READABLE_MARGIN]
         return max(tied, key=lambda s: (evidence(s.tokens), s.fluency / max(1, len(tok.decode(list(s.tokens))))))
 
-    def evidence(tokens: tuple[int, ...]) -> float:
-        return round(sum(score_of[t] for t in strong & set(tokens)), 6)
-
-    # candidates clearly above the bulk of the list: the tokens the fine-tune reads differently
-    scores = sorted(score_of.values())
-    strong = {t for t, v in score_of.items() if v >= STRONG_CANDIDATE * scores[len(scores) // 2]}
     best = best_of(shortlist)
     steps = [{"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency}]
     for _ in range(max_words - 1):

@@ -39,6 +39,8 @@ def build_lexicon(corpus_dir: str | Path, out: str | Path, min_count: int = 5) -
     `min_count` times to `out` (gzip TSV, written under a temporary name and renamed). Returns the provenance."""
     from mri.zoo.corpus import read_manifest
 
+    if min_count < 1:
+        raise MriError(f"--min-count must be at least 1, got {min_count}")
     corpus_dir, out = Path(corpus_dir), Path(out)
     manifest = read_manifest(corpus_dir)
     counts: Counter[str] = Counter()
