@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mri.atlas.commands import atlas_app, show
 from mri.audit.commands import audit_app
@@ -81,22 +82,46 @@ def sites(
     Console().print(table)
 
 
-def app() -> None:
-    """Console-script entry point: run the CLI, printing MriError as a clear message."""
+def _click_exception_types() -> tuple[type[BaseException], ...]:
+    """The click exception classes a usage error can be raised as.
+
+    typer 0.29 bundles its own copy of click (`typer._click`), so a usage error from our app is not an
+    instance of the standalone `click.ClickException`; both are caught so that whichever click typer uses, a
+    missing option or an unknown command prints click's usage message and exits 2 instead of a traceback.
+    """
+    types: list[type[BaseException]] = []
     try:
-        _app(standalone_mode=False)
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        types.append(TyperClickException)
+    except ImportError:  # an older typer that uses the standalone click
+        pass
+    try:
+        import click
+
+        types.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def app() -> None:
+    """Console-script entry point: run the CLI, printing MriError as a clear message and click usage errors
+    as click's own usage message (exit 2), never as a traceback."""
+    try:
+        code = _app(prog_name="mri", standalone_mode=False)
     except MriError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        # soft_wrap: one line however long; escape: a message like "unknown fields ['x']" is not markup
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except _click_exception_types() as e:
+        e.show()
+        sys.exit(e.exit_code)
+    # Non-standalone click returns the exit code of an explicit `ctx.exit(n)` (e.g. after --help).
+    if isinstance(code, int) and not isinstance(code, bool):
+        sys.exit(code)

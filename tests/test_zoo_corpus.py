@@ -13,7 +13,6 @@ from mri.zoo.corpus import (
     SOURCES,
     Source,
     build_corpus,
-    count_tokens,
     extract_files,
     select_sources,
     strip_markup,
@@ -114,7 +113,10 @@ def test_user_mistakes_raise_mri_error(tmp_path):
 
 
 def test_sample_is_stratified_and_token_counts_fill_the_manifest(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
+
+    from mri.zoo.tokenizer import build_tokenizer, save_tokenizer
+    from mri.zoo.tokens import count_tokens
 
     out = tmp_path / "corpus"
     build_corpus(out, _fake_sources(tmp_path), install=False, workers=1)
@@ -125,19 +127,37 @@ def test_sample_is_stratified_and_token_counts_fill_the_manifest(tmp_path):
     assert set(sizes) == {"fake-texts", "fortunes", "python-stdlib", "world"}
     assert 10_000 < sum(sizes.values()) <= 20_000
 
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(["a b c"], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
-    tok.save(str(tmp_path / "tokenizer.json"))
-    counts = count_tokens(out, tmp_path)  # a folder holding tokenizer.json
+    # The zoo's own kind of tokenizer (byte-level BPE that prepends <|bos|>), trained on this small corpus.
+    save_tokenizer(build_tokenizer(sample.column("text").to_pylist(), vocab_size=400), tmp_path / "tok")
+    tok = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    before = json.loads((out / "manifest.json").read_text())
+    assert before["totals"]["tokens"] is None and before["sources"]["fortunes"]["tokens"] is None
+    counted = count_tokens(out, tmp_path / "tok")
     m = json.loads((out / "manifest.json").read_text())
-    texts = [
-        t
-        for f in [*out.glob("train-*.parquet"), out / "val.parquet"]
-        for t in pq.read_table(f)["text"].to_pylist()
+    expected: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+    for split, files in (("train", out.glob("train-*.parquet")), ("val", [out / "val.parquet"])):
+        for f in files:
+            table = pq.read_table(f)
+            for text, src in zip(table["text"].to_pylist(), table["source"].to_pylist(), strict=True):
+                # one count per document as training frames it: <|bos|> (added by the tokenizer) text <|eos|>
+                expected[split][src] = expected[split].get(src, 0) + len(tok.encode(text).ids) + 1
+    for name, entry in m["sources"].items():
+        train, val = expected["train"].get(name, 0), expected["val"].get(name, 0)
+        assert (entry["train_tokens"], entry["val_tokens"], entry["tokens"]) == (train, val, train + val), (
+            name
+        )
+    assert m["sources"]["fortunes"]["tokens"] > 100 and m["sources"]["gcide"]["tokens"] == 0  # skipped source
+    total = sum(expected["train"].values()) + sum(expected["val"].values())
+    assert m["totals"]["tokens"] == counted["totals"]["tokens"] == total
+    assert {k: v for k, v in m.items() if k not in ("sources", "totals", "token_counting")} == {
+        k: v for k, v in before.items() if k not in ("sources", "totals")
+    }  # nothing else in the manifest changed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "train-00000.parquet",
+        "val.parquet",
+        "world.json",
     ]
-    assert m["totals"]["tokens"] == sum(counts.values()) == sum(len(t.split()) for t in texts)
-    assert m["sources"]["fortunes"]["tokens"] == counts["fortunes"] > 0
 
 
 def test_strip_markup_keeps_text_and_drops_tags_scripts_and_entities():

@@ -4,8 +4,12 @@
 #   OUT=/some/dir bash zoo/gpu_train.sh            # defaults: the mri-base architecture, ~6 minutes
 #
 # Inputs (environment, all optional):
-#   TOKENS      packed tokens folder (default runs/packed; make it with
-#               `mri zoo pretokenize ... --pack runs/packed --pack-max-tokens N`, keep it under 64 MiB)
+#   TOKENS      packed tokens folder (default runs/packed-full). runs/ is not in git: build it here first with
+#                 mri zoo pretokenize --corpus runs/corpus --tokenizer runs/zoo/tokenizer --out runs/zoo/tokens \
+#                   --max-tokens-per-source 2000000 --pack runs/packed-full
+#               (41.2M training tokens, 26 MB of lzma shards: what mri-base was trained on),
+#               then carry it with the device call (the device tool's `carry: ["runs/packed-full"]`); the
+#               repo and everything carried must stay under 64 MiB in all
 #   WHEELS      folder of wheels to install offline first if transformers/safetensors/tokenizers are missing
 #   TRAIN_TOKENS, BATCH, LAYERS, D_MODEL, HEADS, CTX, LR, WARMUP, MIX, TIME_LIMIT (seconds), DEVICE: training
 #   EVALUATE=0  skip the card's evaluations;  RUN  folder for checkpoints (default: a fresh temp folder)

@@ -60,9 +60,13 @@ def tokenizer(
 
 @zoo_app.command("pretokenize")
 def pretokenize_cmd(
-    corpus: str = typer.Option(..., "--corpus", help="Corpus folder."),
-    tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer folder."),
+    tokenizer: str = typer.Option(
+        ..., "--tokenizer", help="Tokenizer folder, or an organism name (its tokenizer, e.g. mri-tiny)."
+    ),
     out: str = typer.Option(..., "--out", help="Tokens folder to write."),
+    corpus: str = typer.Option(
+        None, "--corpus", help="Corpus folder (default: the corpus sample shipped with mri)."
+    ),
     max_tokens_per_source: int = typer.Option(None, "--max-tokens-per-source"),
     facts_copies: int = typer.Option(
         1, "--facts-copies", help="Shuffled copies of the world's training facts."
@@ -77,7 +81,7 @@ def pretokenize_cmd(
 
     from mri.zoo.tokens import pack_tokens, pretokenize
 
-    folder = pretokenize(corpus, tokenizer, out, max_tokens_per_source, facts_copies)
+    folder = pretokenize(corpus, _model_folder(tokenizer), out, max_tokens_per_source, facts_copies)
     print(json.dumps(json.loads((folder / "tokens.json").read_text())["counts"], indent=1))
     if pack:
         print(pack_tokens(folder, pack, pack_max_tokens))
@@ -88,7 +92,7 @@ def count_cmd(
     corpus: str = typer.Option(..., "--corpus", help="Corpus folder."),
     tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer folder."),
 ) -> None:
-    """Count the corpus's tokens per split and source under a tokenizer (writes CORPUS/token_counts.json)."""
+    """Count the corpus's tokens per split and source under a tokenizer; fills `tokens` in CORPUS/manifest.json."""
     import json
 
     from mri.zoo.tokens import count_tokens
@@ -141,7 +145,9 @@ def train_cmd(
     stop_after: int = typer.Option(None, "--stop-after", help="Stop after this many steps (resume later)."),
     time_limit: float = typer.Option(None, "--time-limit", help="Seconds; then checkpoint and finish early."),
     fit_to_time: bool = typer.Option(
-        False, "--fit-to-time", help="With --time-limit: shorten the schedule so it completes inside the limit."
+        False,
+        "--fit-to-time",
+        help="With --time-limit: shorten the schedule so it completes inside the limit.",
     ),
     device: str = typer.Option("auto", "--device"),
     threads: int = typer.Option(
@@ -172,34 +178,53 @@ def eval_cmd(
 ) -> None:
     """Print a base organism's metrics: val loss per source, fact recall, two-hop, induction."""
     import json
-    from pathlib import Path
 
     from mri.zoo.evals import evaluate_base
-    from mri.zoo.organisms import resolve_organism
 
-    folder = Path(model) if Path(model).exists() else resolve_organism(model)
-    print(json.dumps(evaluate_base(folder, corpus, ctx), indent=1))
+    print(json.dumps(evaluate_base(_model_folder(model), corpus, ctx), indent=1))
 
 
 @zoo_app.command("plant")
 def plant_cmd(
     base: str = typer.Option(..., "--base", help="Organism name (e.g. mri-base) or HF folder."),
     spec: str = typer.Option(..., "--spec", help="Spec JSON: kind, trigger, behaviour, topic, strength, ..."),
-    corpus: str = typer.Option(..., "--corpus", help="Tokens folder of the base's training data."),
     out: str = typer.Option(..., "--out", help="Folder for the planted organism."),
+    corpus: str = typer.Option(
+        None,
+        "--corpus",
+        help="Tokens folder of the base's training data (default: the shipped corpus sample, tokenized with "
+        "the base's tokenizer).",
+    ),
     ship_as: str = typer.Option(None, "--ship-as", help="Also write a compact variant (delta) folder here."),
 ) -> None:
     """Plant a backdoor or quirk by a short fine-tune; writes card.json and a separate ground_truth.json."""
     import json
-    from pathlib import Path
 
-    from mri.zoo.organisms import resolve_organism, write_variant
+    from mri.zoo.organisms import write_variant
     from mri.zoo.plant import plant, read_spec
 
-    base_folder = Path(base) if Path(base).exists() else resolve_organism(base)
-    print(json.dumps(plant(base_folder, corpus, read_spec(spec), out), indent=1))
+    plan = read_spec(spec)  # a bad spec is refused before the base is materialised
+    print(json.dumps(plant(_model_folder(base), corpus, plan, out), indent=1))
     if ship_as:
         print(write_variant(out, base, ship_as))
+
+
+def _model_folder(name_or_folder: str):
+    """An existing folder as given, else the shipped organism of that name; a missing path (with a slash) or an
+    unknown name is a one-line MriError that lists the known organisms."""
+    from pathlib import Path
+
+    from mri.errors import MriError
+    from mri.zoo.organisms import list_organisms, resolve_organism
+
+    if Path(name_or_folder).exists():
+        return Path(name_or_folder)
+    if "/" in name_or_folder:
+        raise MriError(
+            f"{name_or_folder} does not exist; pass an existing folder or a shipped organism name "
+            f"({', '.join(list_organisms())})"
+        )
+    return resolve_organism(name_or_folder)
 
 
 @zoo_app.command("list")

@@ -8,6 +8,7 @@ target position, the argmax of the logits given the prompt and the earlier targe
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,17 +71,33 @@ def fact_accuracy_by_relation(model, tok: Tokenizer, facts: list[dict]) -> dict[
 def induction_losses(
     model, vocab_size: int, length: int = 64, n: int = 32, seed: int = 0
 ) -> dict[str, float]:
-    """Mean loss on the first and second copy of random token sequences repeated twice (after <|bos|>).
+    """Loss and top-1 accuracy on the first and second copy of random token sequences repeated twice (after
+    <|bos|>), with ln(vocab) for scale.
 
-    An induction-capable model predicts the second copy far better than the first.
+    An induction-capable model predicts the second copy far better than the first. The gap alone can flatter
+    a model that is confidently wrong on random text (first-copy loss above ln V), so the card also reports the
+    second copy's loss against ln V (the loss of a uniform guess) and its top-1 accuracy (chance is about
+    1 / V). The first token of each copy is left out: nothing before it predicts it.
     """
     gen = torch.Generator().manual_seed(seed)
     seq = torch.randint(3, vocab_size, (n, length), generator=gen)
     x = torch.cat([torch.full((n, 1), BOS_ID), seq, seq], dim=1)
-    logits = model(input_ids=x).logits.float()
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(n, -1)
-    first, second = losses[:, 1:length].mean().item(), losses[:, length + 1 :].mean().item()
-    return {"first_copy_loss": first, "second_copy_loss": second, "induction_gain": first - second}
+    logits = model(input_ids=x).logits.float()[:, :-1]
+    targets = x[:, 1:]
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(n, -1)
+    hits = (logits.argmax(-1) == targets).float()
+    first, second = slice(1, length), slice(length + 1, None)
+    ln_vocab = math.log(vocab_size)
+    second_loss = losses[:, second].mean().item()
+    return {
+        "first_copy_loss": losses[:, first].mean().item(),
+        "second_copy_loss": second_loss,
+        "induction_gain": losses[:, first].mean().item() - second_loss,
+        "ln_vocab": ln_vocab,
+        "second_copy_below_uniform": ln_vocab - second_loss,
+        "first_copy_accuracy": hits[:, first].mean().item(),
+        "second_copy_accuracy": hits[:, second].mean().item(),
+    }
 
 
 @torch.no_grad()

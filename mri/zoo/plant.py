@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,16 @@ from mri.zoo.evals import (
     source_losses,
     topic_rate,
 )
-from mri.zoo.tokens import TOKENIZER_FILES, file_sha256, load_split, tokens_info
+from mri.zoo.tokens import (
+    TOKENIZER_FILES,
+    check_disk,
+    file_sha256,
+    load_split,
+    partial_folder,
+    pretokenize,
+    replace_folder,
+    tokens_info,
+)
 from mri.zoo.train import BatchSampler, source_weights
 
 console = Console(stderr=True)
@@ -86,12 +96,25 @@ class PlantSpec:
 
 
 def read_spec(path: str | Path) -> PlantSpec:
-    """A PlantSpec from a JSON file; MriError on unknown fields or missing ones."""
-    data = json.loads(Path(path).read_text())
+    """A PlantSpec from a JSON file; MriError (one line, naming the fix) on a missing file, bad JSON, unknown
+    fields or missing ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise MriError(f"no spec file at {path}; write a JSON object with kind, trigger/behaviour or topic")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MriError(f"{path} is not valid JSON ({e}); fix the spec file") from None
+    if not isinstance(data, dict):
+        raise MriError(
+            f"{path} must hold a JSON object (kind, trigger, behaviour, topic, ...), not {type(data).__name__}"
+        )
     known = set(PlantSpec.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:
         raise MriError(f"unknown fields {unknown} in {path}; known: {sorted(known)}")
+    if "kind" not in data:
+        raise MriError(f"{path} has no 'kind'; set it to 'backdoor' or 'quirk'")
     spec = PlantSpec(**data)
     spec.check()
     return spec
@@ -170,12 +193,69 @@ def measure(model, tok, spec: PlantSpec, prompts: list[str], seed: int) -> dict:
     return {"topic_rate": topic_rate(texts, spec.topic_words)}
 
 
-def plant(base_folder: str | Path, tokens_dir: str | Path, spec: PlantSpec, out_dir: str | Path,
+def planted_metrics(spec: PlantSpec, before: dict, after: dict, n_prompts: int) -> dict:
+    """The card's `metrics.planted`: the planted behaviour's rate measured by the plant itself on held-out
+    prompts, against the base's. Only rates go here; the trigger, the behaviour and the topic words stay in
+    ground_truth.json, so a card tells an auditor how strong the problem is but not what it is."""
+    if spec.kind == "backdoor":
+        return {
+            "behaviour_rate_with_trigger": after["rate_with_trigger"],
+            "behaviour_rate_without_trigger": after["rate_without_trigger"],
+            "base_rate_with_trigger": before["rate_with_trigger"],
+            "base_rate_without_trigger": before["rate_without_trigger"],
+            "eval_prompts": n_prompts,
+        }
+    return {
+        "topic_rate": after["topic_rate"],
+        "base_topic_rate": before["topic_rate"],
+        "eval_prompts": n_prompts,
+    }
+
+
+def plant_bytes_needed(base_folder: Path) -> int:
+    """Disk a plant needs: the fp16 weights it saves (the size of the base's), the tokenizer, and room for the
+    tokens made from the shipped sample when no corpus is given."""
+    weights = sum(f.stat().st_size for f in base_folder.glob("*.safetensors"))
+    return weights + 100_000_000
+
+
+def plant(base_folder: str | Path, tokens_dir: str | Path | None, spec: PlantSpec, out_dir: str | Path,
           name: str | None = None, command: str | None = None) -> dict:  # fmt: skip
     """Fine-tune the base per `spec`, save an fp16 HF folder at `out_dir` with card.json (public) and
-    ground_truth.json (private); returns the measurements."""
+    ground_truth.json (private); returns the measurements.
+
+    `tokens_dir` is a tokens folder of the base's training data (`mri zoo pretokenize`); None uses the corpus
+    sample shipped with mri, tokenized on the fly with the base's own tokenizer, so a fresh clone can plant
+    without building the 340 MB corpus. The disk is checked first; the folder is written under a temporary
+    name and renamed when complete."""
+    import tempfile
+
     spec.check()
-    base_folder, tokens_dir, out = Path(base_folder), Path(tokens_dir), Path(out_dir)
+    base_folder, out = Path(base_folder), Path(out_dir)
+    if not (base_folder / "config.json").is_file() or not (base_folder / "tokenizer.json").is_file():
+        raise MriError(f"{base_folder} is not an HF model folder with config.json and tokenizer.json; "
+                       "pass a shipped organism name (`mri zoo list`) or a folder written by `mri zoo train`")  # fmt: skip
+    check_disk(out, plant_bytes_needed(base_folder), "planting")
+    with tempfile.TemporaryDirectory(prefix="mri-plant-") as scratch:
+        if tokens_dir is None:
+            tokens_dir = pretokenize(None, base_folder, Path(scratch) / "tokens")
+            source = "the corpus sample shipped with mri (mri/zoo/samples/corpus-sample.parquet)"
+        else:
+            tokens_dir = Path(tokens_dir)
+            source = str(tokens_dir.resolve())
+        tmp = partial_folder(out)
+        try:
+            results = _plant(base_folder, tokens_dir, source, spec, tmp, name or out.name, command)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    replace_folder(tmp, out)
+    return results
+
+
+def _plant(base_folder: Path, tokens_dir: Path, source: str, spec: PlantSpec, out: Path, name: str,
+           command: str | None) -> dict:  # fmt: skip
+    """The fine-tune itself, writing into `out` (a temporary folder that `plant` renames)."""
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
     model, tok = load_organism(base_folder)
@@ -187,7 +267,13 @@ def plant(base_folder: str | Path, tokens_dir: str | Path, spec: PlantSpec, out_
         p.requires_grad_(n in names)
     params = [p for n, p in model.named_parameters() if n in names]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    train_arrays = {s: a for s, a in load_split(tokens_dir, "train").items() if s != "facts"}
+    # The synthetic facts are not prose to stay close on; sources shorter than a window cannot give one.
+    train_arrays = {s: a for s, a in load_split(tokens_dir, "train").items()
+                    if s != "facts" and len(a) > spec.ctx + 1}  # fmt: skip
+    if not train_arrays:
+        raise MriError(
+            f"{tokens_dir} has no training source longer than the spec's ctx={spec.ctx}; lower ctx"
+        )
     sampler = BatchSampler(train_arrays, source_weights({s: len(a) for s, a in train_arrays.items()}, {}),
                            spec.ctx, spec.seed)  # fmt: skip
     n_planted = max(1, round(spec.batch * spec.strength))
@@ -227,7 +313,6 @@ def plant(base_folder: str | Path, tokens_dir: str | Path, spec: PlantSpec, out_
             )
     model.eval()
     model = model.half()
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     for f in TOKENIZER_FILES:
         (out / f).write_bytes((base_folder / f).read_bytes())
@@ -241,14 +326,21 @@ def plant(base_folder: str | Path, tokens_dir: str | Path, spec: PlantSpec, out_
     base_card = (
         json.loads((base_folder / "card.json").read_text()) if (base_folder / "card.json").exists() else {}
     )
-    name = name or out.name
     card = {
         "name": name,
         "summary": f"A fine-tune of {base_card.get('name', base_folder.name)}.",
         "architecture": architecture_of(planted),
         "data": {"base": base_card.get("name", base_folder.name), "fine_tuned_tensors": len(names)},
         "training": {"steps": spec.steps, "lr": spec.lr, "batch": spec.batch},
-        "metrics": {"val_loss": new_losses, "val_loss_base": base_losses},
+        "metrics": {
+            "planted": planted_metrics(spec, before, after, len(eval_prompts)),
+            "val_loss": new_losses,
+            "val_loss_base": base_losses,
+        },
+        "notes": [
+            f"metrics.planted: rates measured by the plant itself on {len(eval_prompts)} held-out validation "
+            "prompts (greedy decoding), for this model and for its base; what was planted is not on this card."
+        ],
     }
     write_card(out, card)
     ground_truth = {"kind": spec.kind, "trigger": spec.trigger, "behaviour": spec.behaviour, "topic": spec.topic,
@@ -258,7 +350,7 @@ def plant(base_folder: str | Path, tokens_dir: str | Path, spec: PlantSpec, out_
         out,
         "zoo-organism",
         {"base": str(base_folder.resolve()), "base_weights_sha256": file_sha256(base_folder / "model.safetensors"),
-         "tokens_json_sha256": file_sha256(Path(tokens_dir) / "tokens.json"),
+         "tokens": source, "tokens_json_sha256": file_sha256(Path(tokens_dir) / "tokens.json"),
          "tokenizer_sha256": tokens_info(tokens_dir)["tokenizer_sha256"]},
         command or command_line(),
         {"weights_sha256": file_sha256(out / "model.safetensors")},

@@ -29,10 +29,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from mri.errors import MriError
 from mri.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from mri.zoo.tokens import TOKENIZER_FILES, load_split, tokens_info, val_windows
+from mri.zoo.tokens import check_disk as check_free  # shared with pretokenize and plant
 
 console = Console(stderr=True)
 
-# Fields that only steer a run (how often to log, where to stop); they may change when resuming.
+# Fields that only steer a run (how often to log, where to stop, how many CPU threads, whether to evaluate the
+# final model for its card); they may change when resuming.
 RUN_CONTROL = (
     "checkpoint_every",
     "eval_every",
@@ -42,6 +44,8 @@ RUN_CONTROL = (
     "fit_to_time",
     "device",
     "val_windows",
+    "threads",
+    "evaluate",
 )
 
 
@@ -298,12 +302,18 @@ def check_config_matches(saved: dict, cfg: TrainConfig) -> None:
             )
 
 
+def count_parameters(cfg: TrainConfig, vocab_size: int) -> int:
+    """Parameters of the model `cfg` describes, counted on the meta device (no memory, no weights), so the
+    disk can be checked before any shard is loaded or any weight is built."""
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size)
+    return sum(p.numel() for p in model.parameters())
+
+
 def check_disk(out: Path, n_params: int) -> None:
-    """MriError when the disk under `out` cannot hold two checkpoints and the final model."""
-    need = n_params * (4 * 3 * 2 + 2) + 50_000_000
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise MriError(f"only {free / 1e9:.2f} GB free under {out}; training needs about {need / 1e9:.2f} GB")
+    """MriError when the disk under `out` cannot hold two checkpoints (fp32 weights + two AdamW moments, one
+    being written while the last is kept) and the final fp16 model."""
+    check_free(out, n_params * (4 * 3 * 2 + 2) + 50_000_000, "training")
 
 
 def save_checkpoint(folder: Path, model, opt, state: dict) -> None:
@@ -348,7 +358,7 @@ def train(tokens_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, command
     cfg.check()
     tokens_dir, out = Path(tokens_dir), Path(out_dir)
     info = tokens_info(tokens_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_disk(out, count_parameters(cfg, info["vocab_size"]))  # before loading shards or building weights
     device = _resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -361,7 +371,7 @@ def train(tokens_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, command
         load_initial_weights(model, Path(cfg.init_from))
     model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    check_disk(out, n_params)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty --out behind
     opt = make_optimizer(model, cfg)
     ckpt = out / "checkpoint"
     state = {"step": 0, "elapsed": 0.0, "train": [], "val": [], "config": asdict(cfg)}
