@@ -149,6 +149,10 @@ def test_streaming_statistics_equal_a_dense_computation():
             assert torch.equal(col.top.window[f, j], window)
         kept = col.sample.context[f][col.sample.values[f] > 0]
         assert len(set(kept.tolist())) == len(kept) and (per_context[f, kept] > 0).all()
+        for j in range(col.sample.values.shape[1]):  # sampled windows are the context's, as the top's
+            if col.sample.values[f, j] > 0:
+                c, start = int(col.sample.context[f, j]), int(col.sample.start[f, j])
+                assert torch.equal(col.sample.window[f, j], acts[c, start : start + col.width, f].half())
 
 
 def test_logit_effects_go_through_the_final_norm_and_unembedding(tiny_model_dir, tmp_path):
@@ -199,3 +203,53 @@ def test_cofiring_finds_the_features_that_share_most_tokens():
     on = acts.reshape(-1, n) > 0
     true = (on[:, :20] & on[:, 20:]).sum(0) / (on[:, :20] | on[:, 20:]).sum(0)
     assert (jac[:20, 0] - true).abs().mean() < 0.1
+
+
+def test_quantile_examples_cover_their_rank_bands(tiny_model_dir, tmp_path):
+    """On a random SAE whose activations vary with context: each `quantile` example's quantile is its rank
+    within the uniform sample, (rank + 0.5) / sample size, strictly inside (0, 1) and rising with the
+    example's activation; `Atlas.examples` puts it in band min(int(4q), 3) as docs/atlas.md says; all four
+    bands are filled; and the quantile estimates where the example's activation ranks among every
+    activating context of the corpus."""
+    from mri.atlas.build import N_BANDS
+    from mri.dictionaries import DictConfig, SparseCoder
+
+    model = mri.load(tiny_model_dir("llama"))
+    site = "blocks.1.hook_resid_post"
+    cfg = DictConfig(kind="sae", arch="relu", d_in=model.site_dim(site), n_latents=6, sites_in=[site],
+                     sites_out=[site])  # fmt: skip
+    sae = SparseCoder(cfg, seed=3)
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    ids = torch.from_numpy(streamed_tokens(model, corpus, 40).astype(np.int64))
+    x = model.run(ids, read=[site]).cache[site]
+    with torch.no_grad():  # fire on about 30% of tokens, with activations that vary by context
+        sae.b_enc.copy_(-(x.reshape(-1, x.shape[-1]) @ sae.W_enc.T).quantile(0.7, dim=0))
+    n_samples = 16
+    path = build_atlas(model, sae, corpus, tmp_path / "a", tokens=TOKENS, ctx_len=CTX, top_k=4,
+                       n_samples=n_samples, progress=False)  # fmt: skip
+    atlas = Atlas(path)
+    n_ctx = atlas.manifest["contexts"]
+    ids = torch.from_numpy(streamed_tokens(model, corpus, n_ctx).astype(np.int64))
+    with torch.no_grad():
+        acts = sae.encode(model.run(ids, read=[site]).cache[atlas.manifest["site"]])[:, 1:]  # BOS excluded
+    ctx_max = acts.max(1).values.T.numpy()  # (features, contexts)
+    checked = 0
+    for f in range(atlas.n_features):
+        active = ctx_max[f][ctx_max[f] > 0]
+        if len(active) < 4 * n_samples:
+            continue
+        rows = sorted(atlas.examples(f, kinds=("quantile",)), key=lambda r: r["rank"])
+        assert len(rows) >= n_samples - 4  # the sample, less those already among the top 4
+        q = np.array([r["quantile"] for r in rows])
+        assert ((q > 0) & (q < 1)).all() and (np.diff(q) > 0).all()
+        assert np.allclose(q, (np.array([r["rank"] for r in rows]) + 0.5) / n_samples)
+        acts_at = np.array([r["max_act"] for r in rows])
+        assert (np.diff(acts_at) >= 0).all()  # rank is by activation
+        assert [r["band"] for r in rows] == [min(int(v * N_BANDS), N_BANDS - 1) for v in q]
+        assert {r["band"] for r in rows} == set(range(N_BANDS))
+        for r in rows:
+            assert r["max_act"] == pytest.approx(ctx_max[f, r["context"]], rel=1e-5)  # the context's maximum
+            below = (active < r["max_act"]).mean() + 0.5 * (active == r["max_act"]).mean()
+            assert abs(below - r["quantile"]) < 0.3, (f, r["quantile"], below)  # a uniform sample's rank
+        checked += 1
+    assert checked >= 3

@@ -65,4 +65,54 @@ def test_the_cli_prints_the_floor(planted):  # noqa: F811
     result = CliRunner().invoke(app, [str(atlas.path)])
     assert result.exit_code == 0, result.output
     assert "4 of 4 live features (100.0%" in result.output and "features/minute" in result.output
+    assert "0 malformed LLM replies (explain 0, score 0)" in result.output
     assert (atlas.path / REPORT).is_file()
+
+
+def test_malformed_replies_are_totalled_once_per_reply(planted):  # noqa: F811
+    """The explainer's malformed reply repeats on each scorer's row of its feature; the total counts it
+    once. Rows of older runs, without the columns, count zero."""
+    _, _, _, atlas = planted
+    rows = [
+        {
+            **_row(0, "detection", math.nan, math.nan, math.nan),
+            "explain_malformed": True,
+            "malformed_replies": 1,
+        },
+        {
+            **_row(0, "fuzzing", math.nan, math.nan, math.nan),
+            "explain_malformed": True,
+            "malformed_replies": 1,
+        },
+        {**_row(1, "detection", 0.9, 0.8, 1.0), "explain_malformed": False, "malformed_replies": 2},
+        {**_row(1, "fuzzing", 0.8, 0.6, 0.9), "explain_malformed": False, "malformed_replies": 0},
+        _row(2, "detection", 0.7, 0.6, 0.8),
+    ]
+    report = floor_report(atlas, rows, seconds=1.0)
+    assert report["malformed_replies"] == {
+        "total": 3,
+        "explain": 1,
+        "score": {"detection": 2, "fuzzing": 0},
+        "unlabelled_features": 1,
+    }
+    assert report["scorers"]["detection"]["scored"] == 2 and report["scorers"]["fuzzing"]["scored"] == 1
+
+
+def test_explanations_from_before_the_malformed_columns_merge_with_nulls(planted, tmp_path):  # noqa: F811
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mri.explain.run import SCHEMA, _merge
+
+    _, _, _, atlas = planted
+    rows = explain_atlas(atlas, features=[0, 1], progress=False)
+    old = rows.drop_columns(["explain_malformed", "malformed_replies"])
+    path = tmp_path / "explanations.parquet"
+    pq.write_table(old, path)
+    _merge(path, rows.filter(pa.compute.equal(rows["feature"], 1)))
+    merged = pq.read_table(path)
+    assert merged.schema == SCHEMA and merged.num_rows == 4
+    by_feature = {(r["feature"], r["scorer"]): r for r in merged.to_pylist()}
+    assert by_feature[0, "match-detection"]["malformed_replies"] is None  # unknown, not zero
+    assert by_feature[1, "match-detection"]["malformed_replies"] == 0
+    assert by_feature[1, "match-detection"]["explain_malformed"] is False

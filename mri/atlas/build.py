@@ -25,7 +25,7 @@ from rich.text import Text
 
 from mri.atlas.collect import HIST_BINS, Collector, hist_edges
 from mri.atlas.effects import decoder_neighbours, logit_effects
-from mri.atlas.source import FeatureSource, feature_source
+from mri.atlas.source import FeatureSource, dictionary_fingerprint, feature_source
 from mri.atlas.split import DEFAULT_SALT, split_of
 from mri.data.corpus import corpus_hash, iter_contexts, iter_documents
 from mri.data.store import write_json_atomic
@@ -66,6 +66,7 @@ def build_atlas(
     html: bool = False,
     command: str | None = None,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> Path:
     """Write the atlas of `dictionary` (a folder or a loaded dictionary) on `model` (an `mri.Model`, a
     folder or an organism name) over the first `tokens` tokens of `corpus` to `out_dir`; return it.
@@ -73,6 +74,8 @@ def build_atlas(
     top_k: highest-activating contexts kept per feature (split between explain and score by context).
     n_samples: uniformly sampled activating contexts per feature, tagged with their rank quantile.
     n_random: non-activating contexts per feature. window: tokens kept (before, after) the maximum.
+    allow_other_model: atlas a dictionary whose recorded model fingerprint is not `model`'s (an error
+    otherwise: its features would describe another model's activations).
     """
     from mri.dictionaries.io import load as load_dictionary
     from mri.models import load as load_model
@@ -86,7 +89,7 @@ def build_atlas(
         dictionary = load_dictionary(dict_path, device=model.device)
     if tokens <= 0 or batch_size <= 0 or top_k <= 0:
         raise MriError("--tokens, --batch and --top-k must be positive")
-    source = feature_source(dictionary, model, layer)
+    source = feature_source(dictionary, model, layer, allow_other_model=allow_other_model)
     collector = Collector(
         source.n_features,
         ctx_len,
@@ -116,6 +119,8 @@ def build_atlas(
             "model_fingerprint": model.fingerprint(),
             "dictionary": str(dict_path) if dict_path else None,
             "dictionary_config": dictionary.cfg.to_dict(),
+            "dictionary_fingerprint": dictionary_fingerprint(dictionary),
+            "dictionary_model_fingerprint": dictionary.cfg.model_fingerprint,
             "layer": layer,
             "site": source.site,
             "n_features": source.n_features,

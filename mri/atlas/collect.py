@@ -30,7 +30,14 @@ def hist_edges() -> np.ndarray:
 
 @dataclass
 class Kept:
-    """Examples kept for each feature: slot j of feature f is (values[f, j], context[f, j], ...)."""
+    """Examples kept for each feature: slot j of feature f is (values[f, j], context[f, j], ...), slots in
+    the order of their score, best first.
+
+    Windows live in `store` and never move: `slot[f, j]` says where slot j's window is. When the ranking
+    changes only the small per-slot tensors are reordered, and a window is written once, when its example
+    gets in (into the place of the one it evicts). Reordering the windows themselves would copy every
+    moved feature's (slots x width) block on every batch, most of the collector's time at 32k features.
+    """
 
     values: torch.Tensor
     """(n, slots) maximum activation of the feature in the context (0 where the slot is empty)."""
@@ -40,8 +47,10 @@ class Kept:
     """(n, slots) position of the maximum within the context."""
     start: torch.Tensor
     """(n, slots) first position of the kept window."""
-    window: torch.Tensor
-    """(n, slots, window) token-level activations over the window (fp16)."""
+    slot: torch.Tensor
+    """(n, slots) where in `store` each slot's window is."""
+    store: torch.Tensor
+    """(n, slots, window) token-level activations over the windows (fp16), addressed by `slot`."""
 
     @classmethod
     def empty(cls, n: int, slots: int, width: int, device: torch.device | str = "cpu") -> Kept:
@@ -50,8 +59,14 @@ class Kept:
             torch.full((n, slots), -1, dtype=torch.long, device=device),
             torch.zeros(n, slots, dtype=torch.int32, device=device),
             torch.zeros(n, slots, dtype=torch.int32, device=device),
+            torch.arange(slots, device=device).repeat(n, 1),
             torch.zeros(n, slots, width, dtype=torch.float16, device=device),
         )
+
+    @property
+    def window(self) -> torch.Tensor:
+        """(n, slots, window) each slot's token-level activations, in slot order (a copy)."""
+        return self.store.gather(1, self.slot[..., None].expand(-1, -1, self.store.shape[2]))
 
     def merge(
         self,
@@ -63,18 +78,21 @@ class Kept:
         start: torch.Tensor,
         masked: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """Keep the `slots` highest of (score (n, slots), new_score (n, B)); returns the kept scores.
+        """Keep the `slots` highest of (score (n, slots), sorted best first; new_score (n, B)); returns the
+        kept scores (`score`, updated in place).
 
         values, pos, start: (n, B) for the new candidates; context (B,); masked: acts (B, T, n) and the
-        positions that count (B, T), whose windows are copied only for candidates that get in. Rows where
-        nothing moved are not touched.
+        positions that count (B, T), whose windows are copied only for candidates that get in. Only rows
+        where a candidate beats the worst kept score are touched: a tie keeps what came first, so a feature
+        that did not fire is not reshuffled among its empty slots.
         """
         n, slots = score.shape
-        top = torch.cat([score, new_score], 1).topk(slots, dim=1)
-        moved = (top.indices != torch.arange(slots, device=score.device)).any(1).nonzero().squeeze(1)
+        moved = (new_score > score[:, -1:]).any(1).nonzero().squeeze(1)
         if not len(moved):
-            return top.values
-        idx = top.indices[moved]
+            return score
+        top = torch.cat([score[moved], new_score[moved]], 1).topk(slots, dim=1)
+        score[moved] = top.values
+        idx = top.indices
         old = idx < slots
         new = (idx - slots).clamp_min(0)
         oldi = idx.clamp_max(slots - 1)
@@ -86,16 +104,24 @@ class Kept:
         self.context[moved] = pick(self.context, context[None, :].expand(n, -1))
         self.pos[moved] = pick(self.pos, pos)
         self.start[moved] = pick(self.start, start)
-        width = self.window.shape[2]
-        windows = self.window[moved].gather(1, oldi[..., None].expand(-1, -1, width))
-        r, j = (~old).nonzero(as_tuple=True)
+        # an entry that stays keeps its window's place; each newcomer takes the place of one it evicts
+        places = self.slot[moved]
+        stays = torch.zeros(len(moved), slots + 1, dtype=torch.bool, device=score.device)
+        stays.scatter_(1, torch.where(old, oldi, slots), True)
+        free_r, free_j = (~stays[:, :slots]).nonzero(as_tuple=True)  # row-major, as is the line below:
+        r, j = (~old).nonzero(as_tuple=True)  # a row has as many newcomers as evicted entries
+        order = places.gather(1, oldi)
+        order[r, j] = places[free_r, free_j]
+        self.slot[moved] = order
         if len(r):
             b, f = new[r, j], moved[r]
             acts, counted = masked
+            width = self.store.shape[2]
             t = start[f, b][:, None].long() + torch.arange(width, device=acts.device)
-            windows[r, j] = (acts[b[:, None], t, f[:, None]].float() * counted[b[:, None], t]).half()
-        self.window[moved] = windows
-        return top.values
+            self.store[f, places[free_r, free_j]] = (
+                acts[b[:, None], t, f[:, None]].float() * counted[b[:, None], t]
+            ).half()
+        return score
 
 
 class Collector:

@@ -34,6 +34,12 @@ def atlas(
     text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet.")] = "text",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the example sampling.")] = 0,
+    allow_other_model: Annotated[
+        bool,
+        typer.Option(
+            "--allow-other-model", help="Atlas a dictionary that was trained on another model anyway."
+        ),
+    ] = False,
 ) -> None:
     """Stream a corpus through MODEL and DICTIONARY and write each feature's statistics and examples."""
     import mri
@@ -60,6 +66,7 @@ def atlas(
         text_field=text_field,
         seed=seed,
         command="mri " + shlex.join(sys.argv[1:]),
+        allow_other_model=allow_other_model,
     )
     from mri.atlas.reader import Atlas
 

@@ -22,6 +22,16 @@ from mri.errors import MriError
 EXPLANATIONS = "explanations.parquet"
 
 
+def _config_diff(recorded: dict[str, Any], mine: dict[str, Any]) -> str:
+    """'n_latents 4096 in the atlas, 2048 given; ...' for the config fields that differ ('' when none).
+
+    The JSON round trip makes tuples and lists compare equal, as they were when the manifest was written.
+    """
+    mine = json.loads(json.dumps(mine, default=str))
+    keys = [k for k in mine if k in recorded and recorded[k] != mine[k]]
+    return "; ".join(f"{k} {recorded[k]!r} in the atlas, {mine[k]!r} given" for k in keys[:3])
+
+
 class Atlas:
     """An atlas folder written by `build_atlas`."""
 
@@ -52,6 +62,37 @@ class Atlas:
         """Token texts of `ids`."""
         vocab = self.vocab
         return [vocab[i] if 0 <= i < len(vocab) else f"<{i}>" for i in ids]
+
+    def check_dictionary(self, dictionary: Any) -> None:
+        """MriError unless `dictionary` (loaded, or its folder) is the one this atlas was built from.
+
+        An atlas's examples, labels and scores describe one dictionary's latents by index; read against
+        another dictionary, latent i's label names whatever the old latent i did, silently. The manifest's
+        `dictionary_fingerprint` (sha256 of config and weights) decides; atlases written before it existed
+        are compared on `dictionary_config` (shape, sites, activation), which catches all but a retrain
+        with an identical config.
+        """
+        from mri.atlas.source import dictionary_fingerprint
+
+        if isinstance(dictionary, (str, Path)):
+            from mri.dictionaries.io import load
+
+            dictionary = load(dictionary)
+        m = self.manifest
+        fix = f"rebuild it with mri atlas {m.get('model', 'MODEL')} DICT --out {self.path}"
+        recorded = m.get("dictionary_fingerprint")
+        if recorded:
+            mine = dictionary_fingerprint(dictionary)
+            if mine != recorded:
+                diff = _config_diff(m.get("dictionary_config") or {}, dictionary.cfg.to_dict())
+                why = (
+                    diff or f"same config, other weights: fingerprint {recorded[:12]} there, {mine[:12]} here"
+                )
+                raise MriError(f"atlas {self.path} was built from another dictionary ({why}): {fix}")
+            return
+        diff = _config_diff(m.get("dictionary_config") or {}, dictionary.cfg.to_dict())
+        if diff:
+            raise MriError(f"atlas {self.path} was built from another dictionary ({diff}): {fix}")
 
     def _check(self, feature: int) -> int:
         feature = int(feature)

@@ -1,19 +1,28 @@
 """Chat clients over plain HTTP (urllib): any OpenAI-compatible `/chat/completions` endpoint and the
 Anthropic Messages API, with a concurrency limit, retries with exponential backoff, a response cache keyed by
 the prompt's hash (sqlite) and token and cost accounting.
+
+A reply that is not what the protocol promises (a body that is not JSON, an HTML error page, `{}`, an
+`{"error": ...}` object sent with status 200) does not stop a run of thousands of features: it comes back as
+a `Completion` with `malformed=True` and empty text, is counted in `usage["malformed"]`, and is not cached,
+so a rerun asks again. So is a well-formed reply whose text the caller's `check` cannot read. An endpoint
+that refuses the connection is tried twice, not through the whole backoff schedule: a refusal means
+nothing listens there, which waiting does not fix.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,6 +49,9 @@ class Completion(NamedTuple):
     cost_usd: float
     cached: bool
     """True when served from the response cache (no request made, no cost)."""
+    malformed: bool = False
+    """True when the reply could not be read: not this protocol's reply (text is then ""), or a text the
+    caller's `check` rejected (text kept)."""
 
 
 class ResponseCache:
@@ -124,6 +136,7 @@ class ChatClient:
             "input_tokens": 0,
             "output_tokens": 0,
             "cost_usd": 0.0,
+            "malformed": 0,
         }
 
     # ---- per provider ------------------------------------------------------------------------------
@@ -131,8 +144,8 @@ class ChatClient:
         """(url, headers, JSON body) of one request."""
         raise NotImplementedError
 
-    def _parse(self, reply: dict[str, Any]) -> tuple[str, int, int]:
-        """(text, input tokens, output tokens) of one reply."""
+    def _parse(self, reply: dict[str, Any]) -> tuple[str, int, int] | None:
+        """(text, input tokens, output tokens) of one reply; None when it is not this protocol's reply."""
         raise NotImplementedError
 
     # ---- shared ------------------------------------------------------------------------------------
@@ -145,37 +158,68 @@ class ChatClient:
         """US dollars at the configured prices per million tokens."""
         return (input_tokens * self.price_in + output_tokens * self.price_out) / 1e6
 
-    def complete(self, system: str, user: str) -> Completion:
-        """One reply, from the cache when this exact request was answered before."""
+    def complete(self, system: str, user: str, check: Callable[[str], bool] | None = None) -> Completion:
+        """One reply, from the cache when this exact request was answered before.
+
+        `check(text)` says whether the caller can read the reply; one it cannot read is `malformed` (its
+        text kept), counted, and not cached: cached, an unreadable answer would be served again to every
+        identical prompt and to every rerun."""
         key = self.cache_key(system, user)
         if self.cache is not None:
             hit = self.cache.get(key)
-            if hit is not None:
+            if hit is not None and (check is None or check(hit[0])):
                 with self._lock:
                     self.usage["cached"] += 1
                 return Completion(hit[0], 0, 0, 0.0, True)  # nothing was billed
         url, headers, body = self._request(system, user)
         with self._slots:
-            reply = self._post(url, headers, body)
-        text, n_in, n_out = self._parse(reply)
+            raw = self._post(url, headers, body)
+        try:
+            reply = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            reply = None
+        parsed = self._parse(reply) if isinstance(reply, dict) else None
+        if parsed is None:  # HTML, plain text, {} or {"error": ...}: counted, never cached
+            n_in, n_out = _usage_of(reply)
+            cost = self.cost(n_in, n_out)
+            with self._lock:
+                self.usage["requests"] += 1
+                self.usage["malformed"] += 1
+                self.usage["input_tokens"] += n_in
+                self.usage["output_tokens"] += n_out
+                self.usage["cost_usd"] += cost
+            return Completion("", n_in, n_out, cost, False, malformed=True)
+        text, n_in, n_out = parsed
+        readable = check is None or check(text)
         cost = self.cost(n_in, n_out)
         with self._lock:
             self.usage["requests"] += 1
+            self.usage["malformed"] += not readable
             self.usage["input_tokens"] += n_in
             self.usage["output_tokens"] += n_out
             self.usage["cost_usd"] += cost
-        if self.cache is not None:
+        if self.cache is not None and readable:
             self.cache.put(key, text, n_in, n_out)
-        return Completion(text, n_in, n_out, cost, False)
+        return Completion(text, n_in, n_out, cost, False, malformed=not readable)
 
-    def complete_many(self, prompts: Sequence[tuple[str, str]]) -> list[Completion]:
-        """Replies to many (system, user) prompts, at most `concurrency` requests in flight, in order."""
-        if len(prompts) <= 1:
-            return [self.complete(*p) for p in prompts]
+    def complete_many(
+        self,
+        prompts: Sequence[tuple[str, str]],
+        checks: Sequence[Callable[[str], bool] | None] | None = None,
+    ) -> list[Completion]:
+        """Replies to many (system, user) prompts, at most `concurrency` requests in flight, in order;
+        `checks[i]` is prompt i's `check` (see `complete`)."""
+        jobs = [(*p, c) for p, c in zip(prompts, checks or [None] * len(prompts), strict=True)]
+        if len(jobs) <= 1:
+            return [self.complete(*j) for j in jobs]
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(lambda p: self.complete(*p), prompts))
+            return list(pool.map(lambda j: self.complete(*j), jobs))
 
-    def _post(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> bytes:
+        """The body of a 2xx reply, as bytes (parsed by the caller, which tolerates garbage).
+
+        HTTP 408/409/429/5xx, timeouts and dropped connections are retried with backoff; a refused
+        connection (or a host name that does not resolve) once, since nothing listens there."""
         data = json.dumps(body).encode()
         for attempt in range(self.retries + 1):
             req = urllib.request.Request(
@@ -183,7 +227,7 @@ class ChatClient:
             )
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read())
+                    return resp.read()
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode(errors="replace")
                 if e.code not in RETRY_STATUS or attempt == self.retries:
@@ -191,9 +235,14 @@ class ChatClient:
                         f"{self.provider} request to {url} failed: HTTP {e.code}: {detail}"
                     ) from None
                 wait = self._wait(attempt, e.headers.get("retry-after"))
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                if attempt == self.retries:
-                    raise MriError(f"{self.provider} endpoint {url} unreachable: {e}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", e)
+                refused = isinstance(reason, (ConnectionRefusedError, socket.gaierror))
+                if attempt == self.retries or (refused and attempt >= 1):
+                    raise MriError(
+                        f"{self.provider} endpoint {url} unreachable ({reason}): check --base-url, "
+                        "or use --explainer offline"
+                    ) from None
                 wait = self._wait(attempt, None)
             with self._lock:
                 self.usage["retries"] += 1
@@ -223,13 +272,14 @@ class OpenAIClient(ChatClient):
         }
         return f"{self.base_url}/chat/completions", {"authorization": f"Bearer {self.api_key}"}, body
 
-    def _parse(self, reply: dict[str, Any]) -> tuple[str, int, int]:
+    def _parse(self, reply: dict[str, Any]) -> tuple[str, int, int] | None:
         try:
-            text = reply["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as e:
-            raise MriError(f"unexpected reply from {self.base_url}: {str(reply)[:200]}") from e
-        usage = reply.get("usage") or {}
-        return text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+            text = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            return None
+        if not isinstance(text, str):
+            return None
+        return (text, *_usage_of(reply))
 
 
 class AnthropicClient(ChatClient):
@@ -249,13 +299,33 @@ class AnthropicClient(ChatClient):
         headers = {"x-api-key": self.api_key or "", "anthropic-version": self.version}
         return f"{self.base_url}/v1/messages", headers, body
 
-    def _parse(self, reply: dict[str, Any]) -> tuple[str, int, int]:
+    def _parse(self, reply: dict[str, Any]) -> tuple[str, int, int] | None:
         try:
-            text = "".join(b.get("text", "") for b in reply["content"] if b.get("type") == "text")
-        except (KeyError, TypeError, AttributeError) as e:
-            raise MriError(f"unexpected reply from {self.base_url}: {str(reply)[:200]}") from e
-        usage = reply.get("usage") or {}
-        return text, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+            blocks = [b for b in reply["content"] if b.get("type") == "text"]
+            text = "".join(str(b.get("text", "")) for b in blocks)
+        except (KeyError, TypeError, AttributeError):
+            return None
+        if not blocks:
+            return None
+        return (text, *_usage_of(reply))
+
+
+def _usage_of(reply: Any) -> tuple[int, int]:
+    """(input, output) tokens a reply says it used, under either protocol's names; (0, 0) when it says
+    nothing readable (a malformed reply may still have been billed, and then it is counted)."""
+    usage = reply.get("usage") if isinstance(reply, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+
+    def count(*names: str) -> int:
+        for name in names:
+            try:
+                return max(int(usage[name]), 0)
+            except (KeyError, TypeError, ValueError):
+                continue
+        return 0
+
+    return count("prompt_tokens", "input_tokens"), count("completion_tokens", "output_tokens")
 
 
 def make_client(provider: str, **kwargs: Any) -> ChatClient:

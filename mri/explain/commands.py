@@ -60,7 +60,8 @@ def explain(
         view.add_column(col)
     for r in rows[:40]:
         ci = f"{r['ci_low']:.2f}–{r['ci_high']:.2f}" if r["ci_low"] == r["ci_low"] else "-"
-        view.add_row(str(r["feature"]), r["label"][:70], r["scorer"], f"{r['score']:.3f}", ci)
+        label = r["label"] if r["label"] is not None else "(no label: the reply could not be read)"
+        view.add_row(str(r["feature"]), label[:70], r["scorer"], f"{r['score']:.3f}", ci)
     Console().print(view)
     explained = {r["feature"]: r for r in rows}.values()  # the explainer's cost repeats on each scorer's row
     cost = sum(r["explain_cost_usd"] for r in explained) + sum(r["score_cost_usd"] for r in rows)
@@ -76,6 +77,11 @@ def explain(
             f"({s['fraction_of_live']:.1%}; {s['fraction_of_explained']:.1%} of the {report['explained']} "
             f"explained) score above chance {s['chance']:g} with 95% confidence; median {s['quantiles'].get('0.5', float('nan')):.3f}"
         )
+    bad = report["malformed_replies"]
+    typer.echo(
+        f"{bad['total']} malformed LLM replies (explain {bad['explain']}, score "
+        f"{sum(bad['score'].values())}): counted, left unlabelled or out of their scores"
+    )
     typer.echo(
         f"{report['features_per_minute']:,.0f} features/minute; report: {Path(atlas) / REPORT}, {Path(atlas) / PLOT}"
     )

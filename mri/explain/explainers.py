@@ -13,10 +13,13 @@ from mri.explain.offline import offline_label
 class Explanation(NamedTuple):
     """A label and what it cost to write."""
 
-    label: str
+    label: str | None
+    """None when the explainer's reply could not be read: no label rather than the raw reply."""
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    malformed: bool = False
+    """The reply was malformed (not the protocol's reply, or no explanation in it); counted in the report."""
 
 
 class OfflineExplainer:
@@ -41,7 +44,10 @@ class LLMExplainer:
     def explain(self, view: FeatureView) -> Explanation:
         if not view.explain:
             return Explanation("never fired on the explain split")
-        reply = self.client.complete(prompts.EXPLAIN_SYSTEM, prompts.explain_prompt(view, self.max_examples))
-        return Explanation(
-            prompts.parse_explanation(reply.text), reply.input_tokens, reply.output_tokens, reply.cost_usd
+        reply = self.client.complete(
+            prompts.EXPLAIN_SYSTEM,
+            prompts.explain_prompt(view, self.max_examples),
+            check=lambda text: prompts.parse_explanation(text) is not None,
         )
+        label = None if reply.malformed else prompts.parse_explanation(reply.text)
+        return Explanation(label, reply.input_tokens, reply.output_tokens, reply.cost_usd, label is None)

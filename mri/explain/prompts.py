@@ -46,13 +46,24 @@ def explain_prompt(view: FeatureView, max_examples: int = 20) -> str:
     return "\n".join(lines)
 
 
-def parse_explanation(reply: str) -> str:
-    """The text after the last 'Explanation:', else the reply's last non-empty line."""
-    found = re.findall(r"Explanation:\s*(.+)", reply)
+MAX_LABEL_CHARS = 300
+
+
+def parse_explanation(reply: str) -> str | None:
+    """The text after the last 'Explanation:'; else the whole reply when it is one short line (a model that
+    answered with just the phrase); else None.
+
+    None, not a guess: the last line of a reply that rambles without the asked-for line, or an error page,
+    would become a label that scorers then score as if the model had meant it."""
+    found = [f.strip() for f in re.findall(r"Explanation:\s*(.+)", reply) if f.strip()]
     if found:
-        return found[-1].strip()
+        return found[-1][:MAX_LABEL_CHARS]
+    if "Explanation:" in reply:  # the line was there, empty
+        return None
     lines = [line.strip() for line in reply.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    if len(lines) == 1 and len(lines[0]) <= MAX_LABEL_CHARS and not lines[0].startswith(("<", "{", "[")):
+        return lines[0]
+    return None
 
 
 def numbered_prompt(label: str, texts: list[str]) -> str:

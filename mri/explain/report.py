@@ -1,7 +1,8 @@
 """The floor of an `mri explain` run: of the atlas's live features, how many got a label that scores above
 chance with 95% confidence (the lower end of the bootstrap interval above the scorer's chance level), the
-distribution of scores (a PNG), and the speed in features per minute. Written to
-ATLAS/explain-report.json and ATLAS/explain-scores.png."""
+distribution of scores (a PNG), the speed in features per minute, and how many LLM replies could not be
+read (a run that quietly lost a third of its replies to an HTML error page would otherwise report a floor
+that looks like the labels' fault). Written to ATLAS/explain-report.json and ATLAS/explain-scores.png."""
 
 from __future__ import annotations
 
@@ -25,10 +26,26 @@ def _finite(x: Any) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def malformed_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Malformed LLM replies of one run: the explainer's (one per feature at most; a row repeats it for
+    each scorer), each scorer's, and the total. Rows without the columns (older runs) count 0."""
+    explain = {r["feature"] for r in rows if r.get("explain_malformed")}
+    score: dict[str, int] = {}
+    for r in rows:
+        n = int(r.get("malformed_replies") or 0) - int(bool(r.get("explain_malformed")))
+        score[r["scorer"]] = score.get(r["scorer"], 0) + n
+    return {
+        "total": len(explain) + sum(score.values()),
+        "explain": len(explain),
+        "score": dict(sorted(score.items())),
+        "unlabelled_features": len(explain),
+    }
+
+
 def floor_report(atlas: Atlas, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """Per scorer over `rows` (one explain run): features scored, above chance with 95% confidence (as a
     share of the features explained and of the atlas's live features), mean and quantiles of the score;
-    plus the same for "any scorer", and features per minute."""
+    plus the same for "any scorer", features per minute, and the malformed LLM replies counted."""
     live = int(
         sum(d > 0 for d in pq.read_table(atlas.path / FEATURES, columns=["density"])["density"].to_pylist())
     )
@@ -67,6 +84,7 @@ def floor_report(atlas: Atlas, rows: list[dict[str, Any]], seconds: float) -> di
         "above_chance_any_scorer": len(above_any),
         "fraction_of_live_any_scorer": len(above_any) / live if live else math.nan,
         "scorers": scorers,
+        "malformed_replies": malformed_counts(rows),
         "confidence": "95% bootstrap interval over score-split examples; above chance when its lower end is",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

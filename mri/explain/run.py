@@ -1,8 +1,13 @@
 """`explain_atlas`: label an atlas's features, score every label on held-out examples, and write
-`explanations.parquet` into the atlas folder (rows for other explainer/scorer pairs are kept)."""
+`explanations.parquet` into the atlas folder (rows for other explainer/scorer pairs are kept).
+
+Malformed LLM replies never stop a run: an explanation that cannot be read leaves the feature without a
+label (null, not scored), a score reply that cannot be read is left out of its score, and each row counts
+them (`malformed_replies`, `explain_malformed`) so the report can say how many there were."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -23,7 +28,7 @@ from mri.explain.clients import ChatClient, make_client
 from mri.explain.examples import feature_view
 from mri.explain.explainers import LLMExplainer, OfflineExplainer
 from mri.explain.report import write_floor_report
-from mri.explain.scorers import SCORERS
+from mri.explain.scorers import SCORERS, Score
 
 EXPLAINERS = ("offline", "openai", "anthropic")
 CACHE_FILE = "llm-cache.sqlite"
@@ -50,6 +55,8 @@ SCHEMA = pa.schema(
         ("score_input_tokens", pa.int64()),
         ("score_output_tokens", pa.int64()),
         ("score_cost_usd", pa.float64()),
+        ("explain_malformed", pa.bool_()),
+        ("malformed_replies", pa.int32()),
         ("created", pa.string()),
     ]
 )
@@ -99,7 +106,10 @@ def explain_atlas(
         ex = expl.explain(view)
         rows = []
         for scorer in score_with:
-            s = scorer.score(ex.label, view)
+            if ex.label is None:  # nothing to score: NaN, and the explainer's malformed reply is counted
+                s = Score(math.nan, math.nan, math.nan, len(view.activating), len(view.non_activating))
+            else:
+                s = scorer.score(ex.label, view)
             rows.append(
                 {
                     "feature": feature,
@@ -122,6 +132,8 @@ def explain_atlas(
                     "score_input_tokens": s.input_tokens,
                     "score_output_tokens": s.output_tokens,
                     "score_cost_usd": s.cost_usd,
+                    "explain_malformed": ex.malformed,
+                    "malformed_replies": int(ex.malformed) + s.malformed,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
             )
@@ -169,7 +181,11 @@ def _merge(path: Path, new: pa.Table) -> None:
             (r["feature"], r["explainer"], r["scorer"]) not in keys
             for r in old.select(["feature", "explainer", "scorer"]).to_pylist()
         ]
-        new = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())).cast(SCHEMA), new])
+        old = old.filter(pa.array(keep, pa.bool_()))
+        for field in SCHEMA:  # files from before a column existed: null there (unknown), not a guess
+            if field.name not in old.column_names:
+                old = old.append_column(field, pa.nulls(len(old), field.type))
+        new = pa.concat_tables([old.select(SCHEMA.names).cast(SCHEMA), new])
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(
         new.sort_by([("feature", "ascending"), ("explainer", "ascending"), ("scorer", "ascending")]), tmp

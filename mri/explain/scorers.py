@@ -12,6 +12,11 @@ shown to an explainer) and returns a `Score` with a 95% bootstrap confidence int
   marked at random) are where the label says it fires; balanced accuracy.
 - embedding (offline, all-MiniLM-L6-v2): cosine similarity of the label to each text; AUROC of
   activating against non-activating.
+
+An LLM reply that cannot be read (the client's `malformed`, or no list of the right length in it) is
+counted in `Score.malformed` and its examples are left out of that score: turned into zeros they would
+read as "the label predicts nothing" and drag the score towards chance for a reason that is not the
+label's. The counts of examples in a `Score` are those actually scored.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Score(NamedTuple):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    malformed: int = 0
+    """LLM replies that could not be read; their examples are left out of the score."""
 
 
 def _interval(samples: np.ndarray) -> tuple[float, float]:
@@ -93,6 +100,8 @@ def balanced_accuracy(
     positive, predicted = np.asarray(positive, bool), np.asarray(predicted, bool)
     hit = positive == predicted
     pos, neg = hit[positive].astype(float), hit[~positive].astype(float)
+    if not len(pos) or not len(neg):
+        return math.nan, math.nan, math.nan  # one class left: accuracy over it says nothing balanced
     value = 0.5 * (pos.mean() + neg.mean())
     rng = np.random.default_rng(seed)
     boot = 0.5 * (
@@ -120,6 +129,11 @@ def _empty(view: FeatureView) -> Score | None:
     if view.activating and view.non_activating:
         return None
     return Score(math.nan, math.nan, math.nan, len(view.activating), len(view.non_activating))
+
+
+def _reads_list(n: int, hi: float = 1.0) -> Callable[[str], bool]:
+    """Whether a reply holds a list of n numbers (the client's `check`: an unreadable reply is not cached)."""
+    return lambda text: prompts.parse_list(text, n, hi) is not None
 
 
 def _usage(replies: list[Completion]) -> dict[str, Any]:
@@ -189,14 +203,23 @@ class Simulation(Scorer):
         pos, neg = self.examples(view)
         exs = pos + neg
         replies = self.client.complete_many(
-            [(prompts.SIMULATE_SYSTEM, prompts.simulate_prompt(label, e)) for e in exs]
+            [(prompts.SIMULATE_SYSTEM, prompts.simulate_prompt(label, e)) for e in exs],
+            [_reads_list(len(e.tokens), 10.0) for e in exs],
         )
-        pred = [
-            prompts.parse_list(r.text, len(e.tokens), hi=10.0) or [0.0] * len(e.tokens)
+        read = [
+            None if r.malformed else prompts.parse_list(r.text, len(e.tokens), hi=10.0)
             for r, e in zip(replies, exs, strict=True)
         ]
-        value, lo, hi = correlation(pred, [e.acts for e in exs], self.seed)
-        return Score(value, lo, hi, len(pos), len(neg), **_usage(replies))
+        ok = [i for i, p in enumerate(read) if p is not None]
+        n_pos = sum(i < len(pos) for i in ok)
+        bad = len(exs) - len(ok)
+        if not n_pos or n_pos == len(ok):
+            return Score(
+                math.nan, math.nan, math.nan, n_pos, len(ok) - n_pos, **_usage(replies), malformed=bad
+            )
+        pred = [read[i] for i in ok]
+        value, lo, hi = correlation(pred, [exs[i].acts for i in ok], self.seed)  # type: ignore[arg-type]
+        return Score(value, lo, hi, n_pos, len(ok) - n_pos, **_usage(replies), malformed=bad)
 
 
 class Detection(Scorer):
@@ -207,15 +230,36 @@ class Detection(Scorer):
         super().__init__(client, **kwargs)
         self.batch = batch
 
-    def _ask(self, system: str, label: str, texts: list[str]) -> tuple[list[bool], list[Completion]]:
-        """Batched yes/no questions about `texts`; an unreadable reply counts as all 0."""
+    def _ask(
+        self, system: str, label: str, texts: list[str]
+    ) -> tuple[list[bool | None], list[Completion], int]:
+        """Batched yes/no questions about `texts`: (answer per text, None where its batch's reply could not
+        be read; the replies; how many replies could not be read)."""
         chunks = [texts[i : i + self.batch] for i in range(0, len(texts), self.batch)]
-        replies = self.client.complete_many([(system, prompts.numbered_prompt(label, c)) for c in chunks])
-        answers: list[bool] = []
+        replies = self.client.complete_many(
+            [(system, prompts.numbered_prompt(label, c)) for c in chunks],
+            [_reads_list(len(c)) for c in chunks],
+        )
+        answers: list[bool | None] = []
+        bad = 0
         for reply, chunk in zip(replies, chunks, strict=True):
-            got = prompts.parse_list(reply.text, len(chunk)) or [0.0] * len(chunk)
-            answers += [v >= 0.5 for v in got]
-        return answers, replies
+            got = None if reply.malformed else prompts.parse_list(reply.text, len(chunk))
+            if got is None:
+                bad += 1
+                answers += [None] * len(chunk)
+            else:
+                answers += [v >= 0.5 for v in got]
+        return answers, replies, bad
+
+    def _verdict(
+        self, truth: list[bool], answers: list[bool | None], replies: list[Completion], bad: int
+    ) -> Score:
+        """Balanced accuracy over the texts whose answer could be read (NaN when a class has none left)."""
+        keep = [i for i, a in enumerate(answers) if a is not None]
+        t = np.array([truth[i] for i in keep], dtype=bool)
+        a = np.array([answers[i] for i in keep], dtype=bool)
+        value, lo, hi = balanced_accuracy(t, a, self.seed)
+        return Score(value, lo, hi, int(t.sum()), int((~t).sum()), **_usage(replies), malformed=bad)
 
     def score(self, label: str, view: FeatureView) -> Score:
         if (empty := _empty(view)) is not None:
@@ -223,9 +267,8 @@ class Detection(Scorer):
         pos, neg = self.examples(view)
         items = [(e.text, True) for e in pos] + [(e.text, False) for e in neg]
         random.Random(self.seed).shuffle(items)
-        answers, replies = self._ask(prompts.DETECT_SYSTEM, label, [t for t, _ in items])
-        value, lo, hi = balanced_accuracy(np.array([p for _, p in items]), np.array(answers), self.seed)
-        return Score(value, lo, hi, len(pos), len(neg), **_usage(replies))
+        answers, replies, bad = self._ask(prompts.DETECT_SYSTEM, label, [t for t, _ in items])
+        return self._verdict([p for _, p in items], answers, replies, bad)
 
 
 class Fuzzing(Detection):
@@ -246,10 +289,8 @@ class Fuzzing(Detection):
                 marks = [j in wrong for j in range(len(marks))]
             items.append((ex.highlighted(marks), right))
         rng.shuffle(items)
-        answers, replies = self._ask(prompts.FUZZ_SYSTEM, label, [t for t, _ in items])
-        truth = np.array([r for _, r in items])
-        value, lo, hi = balanced_accuracy(truth, np.array(answers), self.seed)
-        return Score(value, lo, hi, int(truth.sum()), int((~truth).sum()), **_usage(replies))
+        answers, replies, bad = self._ask(prompts.FUZZ_SYSTEM, label, [t for t, _ in items])
+        return self._verdict([r for _, r in items], answers, replies, bad)
 
 
 class EmbeddingScorer(Scorer):

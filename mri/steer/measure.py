@@ -110,9 +110,15 @@ def concept_tokens(
     k: int = 5,
 ) -> list[int]:
     """The feature's top tokens: from `atlas` when given; else source 'logits' (what its decoder direction
-    promotes) or 'corpus' (where it fires most on `texts`, default the shipped corpus sample)."""
+    promotes) or 'corpus' (where it fires most on `texts`, default the shipped corpus sample).
+
+    An atlas must be of this very dictionary (`Atlas.check_dictionary`): another dictionary's latent with
+    the same index fires on other tokens, and steering would be measured against the wrong concept."""
     feature = check_feature(dictionary, feature)
     if atlas is not None:
+        from mri.atlas.reader import Atlas
+
+        Atlas(atlas).check_dictionary(dictionary)
         ids = atlas_tokens(atlas, feature, k)
     elif source == "logits":
         ids = logit_tokens(model, dictionary.W_dec[feature].detach(), 4 * k)
