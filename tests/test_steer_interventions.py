@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import time
+import warnings
+
 import pytest
 import torch
 
@@ -19,7 +23,11 @@ from mri.steer import (
     load_vector,
     save_vector,
 )
-from mri.steer.generate import as_batch, forward_logits
+from mri.steer.generate import FLOAT32_MAX, as_batch, forward_logits
+
+# The dictionaries here are made by hand and record no model fingerprint, which `Steering` warns about
+# (once per dictionary); the warning itself is tested below.
+pytestmark = pytest.mark.filterwarnings("ignore:this dictionary records no model fingerprint")
 
 SITE = "blocks.1.hook_resid_post"
 PROMPTS = ["The quick brown fox", "def add(a, b):", "In the beginning"]
@@ -206,3 +214,49 @@ def test_a_strength_that_overflows_is_caught_and_the_largest_safe_one_found(mode
     generate(model, PROMPTS, steering.with_strength(safe), max_new_tokens=4)
     with pytest.raises(NonFiniteSteering):
         generate(model, PROMPTS, steering.with_strength(safe * 1.1), max_new_tokens=4)
+
+
+def test_non_finite_strengths_are_refused_and_the_finite_search_always_ends(model):
+    sae = orthonormal_sae()
+    for bad, shown in ((math.inf, "inf"), (-math.inf, "-inf"), (math.nan, "nan")):
+        with pytest.raises(MriError, match=f"strength must be a finite number, got {shown}"):
+            FeatureEdit(sae, 1, "add", bad)
+        with pytest.raises(MriError, match=f"strength must be a finite number, got {shown}"):
+            VectorEdit(SITE, torch.ones(32), bad)
+    steering = Steering(model, [FeatureEdit(sae, 1, "add", 1.0)])
+    with pytest.raises(MriError, match="strength must be a finite number, got inf"):
+        steering.with_strength(math.inf)
+    # an infinite or NaN upper end used to loop forever (inf / 2 is inf); the search now starts at
+    # float32's largest value and ends within its step budget
+    started = time.monotonic()
+    safe = largest_finite_strength(model, steering, PROMPTS, math.inf)
+    assert largest_finite_strength(model, steering, PROMPTS, math.nan) == safe
+    assert largest_finite_strength(model, steering, PROMPTS, -math.inf) == -safe
+    # this model's RMSNorm maps an overflowing square to a zero scale, so even float32's largest value
+    # stays finite: no larger strength can be represented at all
+    assert safe == FLOAT32_MAX
+    generate(model, PROMPTS, steering.with_strength(safe), max_new_tokens=4)
+    with pytest.raises(NonFiniteSteering):
+        generate(model, PROMPTS, steering.with_strength(safe * 1.1), max_new_tokens=4)
+    # a vector of entries 1e30 overflows float32 past strength 3.4e8; a zero tolerance would never stop
+    # the bisection (the midpoint of two neighbouring floats is one of them): it is floored, and the
+    # forward passes are capped, so the search ends just below the true limit
+    huge = Steering(model, [VectorEdit(SITE, torch.full((32,), 1e30), 1.0)])
+    limit = FLOAT32_MAX / 1e30
+    found = largest_finite_strength(model, huge, PROMPTS, 1e12, rel_tol=0.0)
+    assert 0.999 * limit < found <= limit
+    assert time.monotonic() - started < 60
+    assert largest_finite_strength(model, steering, PROMPTS, 0.0) == 0.0
+
+
+def test_a_dictionary_without_a_fingerprint_is_steered_with_one_warning(model):
+    sae = orthonormal_sae()
+    with pytest.warns(UserWarning, match="records no model fingerprint") as caught:
+        Steering(model, [FeatureEdit(sae, 0, "add", 1.0)])
+        Steering(model, [FeatureEdit(sae, 1, "clamp", 2.0)], positions="generated")
+    assert sum("fingerprint" in str(w.message) for w in caught) == 1
+    stamped = orthonormal_sae()
+    stamped.cfg.model_fingerprint = model.fingerprint()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Steering(model, [FeatureEdit(stamped, 0, "add", 1.0)])

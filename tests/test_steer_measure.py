@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import mri
 from mri.dictionaries import DictConfig, SparseCoder, save
 from mri.errors import MriError
-from mri.steer import FeatureEdit, Steering, calibrate, concept_demo, concept_tokens, generate, measure
-from mri.steer.calibrate import Calibration, pick
+from mri.steer import (
+    FeatureEdit,
+    Steering,
+    calibrate,
+    concept_demo,
+    concept_tokens,
+    diff_of_means,
+    generate,
+    measure,
+    save_vector,
+)
+from mri.steer.calibrate import Calibration, pick, tradeoff_figure
 from mri.steer.commands import steer_app
 from mri.steer.measure import Measurement
+
+# The planted dictionary is made by hand and records no model fingerprint, which `Steering` warns about
+# once per dictionary (tested in test_steer_interventions.py).
+pytestmark = pytest.mark.filterwarnings("ignore:this dictionary records no model fingerprint")
 
 SITE = "blocks.2.hook_resid_post"
 PROMPTS = [
@@ -66,7 +84,7 @@ def test_a_planted_feature_makes_its_concept_ten_times_as_common(planted):
     assert result["unsteered_rate"] <= 0.1
     assert result["steered_rate"] >= 0.8
     assert result["rate_ratio"] >= 10
-    assert result["perplexity_ratio"] <= 2.5 and result["kl"] > 0
+    assert result["perplexity_ratio"] <= 2 and result["kl"] > 0  # the issue's floor; measured 1.31
 
 
 def test_pick_takes_the_most_concept_within_the_perplexity_budget():
@@ -101,6 +119,16 @@ def test_calibration_stops_at_a_strength_that_overflows_and_writes_its_files(pla
     data = json.loads(json_path.read_text())
     assert data["largest_finite"] == cal.largest_finite and len(data["points"]) == 2
     assert png.stat().st_size > 1000
+    # the perplexity ratio is on a log axis (the twin y axis of the first panel, the x axis of the second),
+    # spanning 1x, the 2x budget and every measured ratio
+    fig = tradeoff_figure(cal)
+    by_label = {ax.get_ylabel(): ax for ax in fig.axes}
+    twin = by_label["perplexity / unsteered (log scale)"]
+    second = next(ax for ax in fig.axes if ax.get_xlabel().startswith("perplexity / unsteered"))
+    assert twin.get_yscale() == "log" and second.get_xscale() == "log"
+    ratios = [p.perplexity / cal.baseline.perplexity for p in cal.points]
+    low, high = twin.get_ylim()
+    assert low < min(1.0, *ratios) and high > max(2.0, *ratios)
 
 
 @pytest.fixture
@@ -193,3 +221,120 @@ def test_concept_candidates_single_out_the_feature_that_writes_one_word(planted)
     )
     assert [r["feature"] for r in found["tried"]] == [3]
     assert found["best"]["feature"] == 3 and found["best"]["steered_rate"] > found["best"]["unsteered_rate"]
+
+
+def _mri(monkeypatch, capsys, *args: str) -> tuple[int, str, float]:
+    """Run the `mri` console script on `args`: (exit code, stderr on one line, seconds)."""
+    from mri.cli import app
+
+    monkeypatch.setattr(sys, "argv", ["mri", *args])
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        app()
+    return exit_info.value.code, " ".join(capsys.readouterr().err.split()), time.monotonic() - started
+
+
+def test_cli_refuses_non_finite_strengths_at_once(saved_sae, monkeypatch, capsys):
+    """`--strength inf` used to hang (the search for the largest finite strength halved inf forever) and
+    `nan` reported a largest finite strength of nan: both are refused before the model is loaded."""
+    cases = [
+        (["steer", *saved_sae, "--strength", "inf", "-p", "x"], "got inf"),
+        (["steer", *saved_sae, "--strength", "nan", "-p", "x"], "got nan"),
+        (["steer", "calibrate", *saved_sae, "--strengths", "1,inf", "-p", "x"], "got inf"),
+        (["steer", "concept", *saved_sae[:5], "--strength", "nan"], "got nan"),
+    ]
+    for args, shown in cases:
+        code, err, seconds = _mri(monkeypatch, capsys, *args)
+        assert code == 2, err
+        assert f"strength must be a finite number, {shown}" in err and "Traceback" not in err
+        assert seconds < 15
+    code, err, _ = _mri(monkeypatch, capsys, "steer", "calibrate", *saved_sae, "--strengths", "1,x")
+    assert code == 2 and "'x' is not one" in err
+
+
+def _probe_file(path, model, *, fingerprint: str | None) -> tuple[str, torch.Tensor]:
+    """A probe-direction file as another tool would write it: two 1-d tensors, the direction ('probe', a
+    difference of means at SITE) and the probe's bias ('zero', all zeros), the site in its metadata."""
+    probe = diff_of_means(model, SITE, ["the fox was", "the dog was"], ["def add(a, b):", "return a + b"])
+    meta = {"site": SITE, **({"model_fingerprint": fingerprint} if fingerprint else {})}
+    save_file({"probe": probe.contiguous(), "zero": torch.zeros(32)}, str(path), metadata=meta)
+    return str(path), probe
+
+
+def test_cli_calibrate_steers_the_tensor_named_by_vector_key(saved_sae, tmp_path):
+    model = mri.load(saved_sae[0])
+    path, _ = _probe_file(tmp_path / "probe.safetensors", model, fingerprint=model.fingerprint())
+    runner = CliRunner()
+    args = ["calibrate", saved_sae[0], "--vector", path, "--strengths", "4,16", "--concept", " was"]
+    args += ["-p", "The fox", "-p", "The dog", "--max-new-tokens", "4"]
+    r = runner.invoke(steer_app, args)
+    assert isinstance(r.exception, MriError) and "--vector-key" in str(r.exception)  # two tensors: which?
+    r = runner.invoke(steer_app, [*args, "--vector-key", "bias"])
+    assert isinstance(r.exception, MriError) and "['probe', 'zero']" in str(r.exception)
+    kl = {}
+    for key in ("probe", "zero"):
+        out = tmp_path / key
+        r = runner.invoke(steer_app, [*args, "--vector-key", key, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        data = json.loads((out / "calibration.json").read_text())
+        assert [p["strength"] for p in data["points"]][:2] == [4.0, 16.0]
+        kl[key] = [p["kl"] for p in data["points"]]
+    # the zero tensor changes nothing; the probe direction moves the next-token distribution, more at 16
+    assert max(kl["zero"]) < 1e-6
+    assert 1e-4 < kl["probe"][0] < kl["probe"][1]
+
+
+def test_cli_refuses_a_vector_made_on_another_model_and_warns_once_without_a_fingerprint(saved_sae, tmp_path):
+    model = mri.load(saved_sae[0])
+    runner = CliRunner()
+    run = [saved_sae[0], "--vector-key", "probe", "--strength", "2", "-p", "The fox", "--no-baseline"]
+    run += ["--max-new-tokens", "3"]
+    other, _ = _probe_file(tmp_path / "other.safetensors", model, fingerprint="0" * 32)
+    r = runner.invoke(steer_app, [*run, "--vector", other])
+    assert isinstance(r.exception, MriError)
+    assert f"trained on another model (fingerprint {'0' * 32}, " in str(r.exception)
+    assert model.fingerprint() in str(r.exception) and "mri steer vector" in str(r.exception)
+    bare, _ = _probe_file(tmp_path / "bare.safetensors", model, fingerprint=None)
+    with pytest.warns(UserWarning, match="records no model fingerprint") as caught:
+        for _ in range(2):
+            r = runner.invoke(steer_app, [*run, "--vector", bare])
+            assert r.exit_code == 0, r.output
+    assert sum("bare.safetensors" in str(w.message) for w in caught) == 1
+    # one saved by `mri steer vector` records the fingerprint, so it is checked and steers silently
+    mine = save_vector(
+        tmp_path / "mine.safetensors", torch.ones(32), SITE, model_fingerprint=model.fingerprint()
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = runner.invoke(steer_app, [*run[:1], *run[3:], "--vector", str(mine)])
+    assert r.exit_code == 0, r.output
+    assert not [w for w in caught if "fingerprint" in str(w.message)]
+
+
+def test_concept_candidates_come_from_an_atlas_of_the_dictionary(planted, tmp_path) -> None:
+    """With an atlas, the candidates are features that fired in it and their concept words are the whole
+    words it shows them promoting; a feature the atlas never saw fire is no candidate, and an atlas of
+    another dictionary is refused."""
+    from mri.atlas.build import build_atlas
+    from mri.steer.concept_demo import atlas_concept_words, concept_candidates
+
+    model, sae, token = planted
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"{p} here, and it was so."}) for p in PROMPTS * 8))
+    atlas = build_atlas(model, sae, corpus, tmp_path / "atlas", tokens=2048, ctx_len=24, progress=False)
+    ranked = concept_candidates(model, sae, n=8, min_letters=3, atlas=atlas)
+    top = ranked[0]
+    assert top["feature"] == 3 and top["word"] == " was" and top["density"] > 0
+    assert top["concept"] == atlas_concept_words(model, sae, atlas, 3) and top["concept"][0] == token
+    assert top["fires_on"] and all(isinstance(t, str) for t in top["fires_on"])
+    silent = SparseCoder(sae.cfg)
+    silent.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        silent.b_enc[3] = -1e6  # feature 3 never fires: the atlas shows it dead
+    dead = build_atlas(
+        model, silent.eval(), corpus, tmp_path / "dead", tokens=2048, ctx_len=24, progress=False
+    )
+    assert 3 not in [r["feature"] for r in concept_candidates(model, silent, n=8, min_letters=3, atlas=dead)]
+    assert 3 in [r["feature"] for r in concept_candidates(model, silent, n=8, min_letters=3)]  # weights alone
+    with pytest.raises(MriError, match="another dictionary"):
+        concept_candidates(model, sae, n=8, min_letters=3, atlas=dead)

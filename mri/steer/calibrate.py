@@ -16,7 +16,7 @@ from typing import Any
 
 from mri.errors import MriError
 from mri.steer.generate import generate, largest_finite_strength
-from mri.steer.interventions import FeatureEdit, NonFiniteSteering, Steering, VectorEdit
+from mri.steer.interventions import FeatureEdit, NonFiniteSteering, Steering, VectorEdit, check_strength
 from mri.steer.measure import Measurement, measure
 
 MULTIPLES = (0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -132,7 +132,10 @@ def calibrate(
     if max_ppl_ratio <= 1:
         raise MriError(f"max_ppl_ratio must exceed 1, got {max_ppl_ratio}")
     strengths = sorted(
-        strengths if strengths is not None else default_strengths(model, steering, prompts), key=abs
+        [check_strength(s) for s in strengths]
+        if strengths is not None
+        else default_strengths(model, steering, prompts),
+        key=abs,
     )
     gen = {
         "max_new_tokens": max_new_tokens,
@@ -224,13 +227,27 @@ def pick(cal: Calibration) -> tuple[float | None, str]:
 
 
 def plot(cal: Calibration, path: str | Path) -> Path:
-    """Two panels: concept and perplexity ratio against strength; concept against perplexity ratio."""
+    """Write `tradeoff_figure(cal)` as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig = tradeoff_figure(cal)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def tradeoff_figure(cal: Calibration) -> Any:
+    """Two panels: concept and perplexity ratio against strength; concept against perplexity ratio.
+
+    The perplexity ratio is drawn on a log scale: the strengths worth choosing sit between 1x and the 2x
+    budget, and a linear axis stretched to fit the 10x-100x of the strongest edits flattens them into one
+    line at the bottom."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     xs = [p.strength for p in cal.points]
     concept = [cal.score(p) for p in cal.points]
     ratio = [p.perplexity / cal.baseline.perplexity for p in cal.points]
@@ -244,7 +261,8 @@ def plot(cal: Calibration, path: str | Path) -> Path:
     twin = a.twinx()
     twin.plot(xs, ratio, "s--", color="tab:red", label="perplexity / unsteered")
     twin.axhline(cal.max_ppl_ratio, color="tab:red", ls=":")
-    twin.set_ylabel("perplexity / unsteered", color="tab:red")
+    twin.set_ylabel("perplexity / unsteered (log scale)", color="tab:red")
+    _log_ratio_axis(twin, "y", [*ratio, 1.0, cal.max_ppl_ratio])
     if cal.chosen is not None:
         a.axvline(cal.chosen, color="k", alpha=0.4)
     a.legend(loc="upper left", fontsize=8)
@@ -253,11 +271,27 @@ def plot(cal: Calibration, path: str | Path) -> Path:
         b.annotate(f"{x:.3g}", (r, c), fontsize=7, textcoords="offset points", xytext=(3, 3))
     b.axvline(cal.max_ppl_ratio, color="tab:red", ls=":")
     b.plot([1.0], [cal.score(cal.baseline)], "k*", label="unsteered")
-    b.set_xlabel("perplexity / unsteered")
+    b.set_xlabel("perplexity / unsteered (log scale)")
+    _log_ratio_axis(b, "x", [*ratio, 1.0, cal.max_ppl_ratio])
     b.set_ylabel(label)
     b.legend(fontsize=8)
     fig.suptitle(f"steering trade-off; chosen strength: {cal.chosen if cal.chosen is not None else 'none'}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _log_ratio_axis(ax: Any, which: str, ratios: Sequence[float]) -> None:
+    """Put the perplexity-ratio axis (`which`: 'x' or 'y') of `ax` on a log scale, labelled in plain
+    numbers (0.8, 1, 1.5, 2, 5; fewer the wider the span), spanning the finite ratios (a ratio can fall below 1: steering can make
+    text the model finds likelier)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    finite = [r for r in ratios if math.isfinite(r) and r > 0]
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    span = max(finite) / min(finite)
+    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if span < 20 else (1.0, 2.0, 5.0) if span < 1000 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+    (ax.set_ylim if which == "y" else ax.set_xlim)(min(finite) / 1.1, max(finite) * 1.1)

@@ -13,7 +13,15 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from mri.errors import MriError
-from mri.steer.interventions import MODES, POSITIONS, FeatureEdit, NonFiniteSteering, Steering, VectorEdit
+from mri.steer.interventions import (
+    MODES,
+    POSITIONS,
+    FeatureEdit,
+    NonFiniteSteering,
+    Steering,
+    VectorEdit,
+    check_strength,
+)
 
 console = Console()
 
@@ -56,9 +64,15 @@ def build_steering(
     site: str | None,
     positions: str,
 ) -> tuple[Steering, Any]:
-    """The Steering the CLI options describe, and the dictionary (None for a vector)."""
+    """The Steering the CLI options describe, and the dictionary (None for a vector).
+
+    Strengths are checked before anything is loaded: an infinite or NaN one could only fail later, deep in
+    a forward pass. A vector file is checked against the model by the fingerprint it records, as a
+    dictionary is (a vector of the right width made on another model would steer, meaninglessly)."""
     from mri.dictionaries import load as load_dictionary
-    from mri.steer.interventions import load_vector
+    from mri.steer.interventions import check_vector_file, read_vector
+
+    strengths = [check_strength(s) for s in strengths]
 
     if (dictionary is None) == (vector is None):
         raise MriError(
@@ -69,8 +83,9 @@ def build_steering(
     if mode != "ablate" and not strengths:
         raise MriError(f"--mode {mode} needs --strength (or run `mri steer calibrate` to choose one)")
     if vector is not None:
-        direction, stored_site = load_vector(vector, vector_key)
-        where = site or stored_site
+        direction, meta = read_vector(vector, vector_key)
+        check_vector_file(model, vector, meta)
+        where = site or meta.get("site")
         if where is None:
             raise MriError(f"{vector} does not say its site; pass --site")
         return Steering(model, [VectorEdit(where, direction, strengths[0])], positions), None
@@ -82,6 +97,20 @@ def build_steering(
     values = strengths if len(strengths) == len(features) else (strengths or [0.0]) * len(features)
     edits = [FeatureEdit(coder, f, mode, s) for f, s in zip(features, values, strict=True)]  # type: ignore[arg-type]
     return Steering(model, edits, positions), coder  # type: ignore[arg-type]
+
+
+def _strength_list(text: str) -> list[float]:
+    """`--strengths 1,2,4` as floats, each finite (see `check_strength`)."""
+    out = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise MriError(
+                f"--strengths takes comma-separated numbers such as 1,2,4; {part.strip()!r} is not one"
+            ) from None
+        out.append(check_strength(value))
+    return out
 
 
 def _prompts(prompts: list[str], prompts_file: Path | None, n: int) -> list[str]:
@@ -123,6 +152,7 @@ def steer(
 
     if positions not in POSITIONS:
         raise MriError(f"--positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    strength = [check_strength(s) for s in strength]  # before the model loads: bad input fails at once
     m = load(model)
     steering, _ = build_steering(
         m,
@@ -193,7 +223,9 @@ def calibrate_cmd(
     n_prompts: int = typer.Option(16, "--n-prompts", help="Neutral prompts to use when none are given."),
     positions: str = typer.Option("all", "--positions", help="prompt | generated | all."),
     atlas: Path | None = typer.Option(
-        None, "--atlas", help="Atlas folder: the feature's top tokens come from it."
+        None,
+        "--atlas",
+        help="Atlas of the dictionary: the concept is the whole words it shows the feature promoting.",
     ),
     tokens: str = typer.Option(
         "logits", "--tokens", help="Without an atlas, top tokens from: logits | corpus."
@@ -204,6 +236,9 @@ def calibrate_cmd(
     seed: int = typer.Option(0, "--seed"),
     temperature: float = typer.Option(1.0, "--temperature"),
     vector: Path | None = typer.Option(None, "--vector", help="Calibrate a vector (safetensors) instead."),
+    vector_key: str | None = typer.Option(
+        None, "--vector-key", help="Tensor name in the vector file (when it holds several)."
+    ),
     concept: list[str] = typer.Option([], "--concept", help="A token (text) marking the concept (repeat)."),
     site: str | None = typer.Option(None, "--site", help="Site of the vector (default: from its file)."),
     out: Path = typer.Option(
@@ -217,6 +252,7 @@ def calibrate_cmd(
 
     if mode not in ("add", "clamp"):
         raise MriError(f"calibrate sweeps the strength of add or clamp, not {mode!r}")
+    swept = _strength_list(strengths) if strengths else None
     m = load(model)
     steering, coder = build_steering(
         m,
@@ -225,7 +261,7 @@ def calibrate_cmd(
         mode=mode,
         strengths=[0.0],
         vector=vector,
-        vector_key=None,
+        vector_key=vector_key,
         site=site,
         positions=positions,
     )
@@ -233,11 +269,18 @@ def calibrate_cmd(
     if concept:
         ids = [m.tokenizer(c, add_special_tokens=False)["input_ids"] for c in concept]
         concept_ids: list[int] | None = [i for row in ids for i in row]
+    elif coder is not None and atlas is not None:
+        # the same concept words as `mri steer concept --atlas`: the whole words the atlas shows the
+        # feature promoting (what steering should make appear), else its top tokens there
+        from mri.steer.concept_demo import atlas_concept_words
+
+        concept_ids = atlas_concept_words(m, coder, atlas, feature) or concept_tokens(
+            m, coder, feature, atlas=atlas
+        )
     elif coder is not None:
-        concept_ids = concept_tokens(m, coder, feature, source=tokens, atlas=atlas)
+        concept_ids = concept_tokens(m, coder, feature, source=tokens)
     else:
         concept_ids = None
-    swept = [float(s) for s in strengths.split(",")] if strengths else None
     cal = calibrate(
         m,
         steering,
@@ -308,7 +351,12 @@ def concept_cmd(
     strength: float | None = typer.Option(None, "--strength", help="Default: calibrated first."),
     mode: str = typer.Option("add", "--mode", help="add | clamp."),
     n_prompts: int = typer.Option(50, "--n-prompts", help="Neutral prompts (openings of corpus documents)."),
-    atlas: Path | None = typer.Option(None, "--atlas", help="Atlas folder for the feature's top tokens."),
+    atlas: Path | None = typer.Option(
+        None,
+        "--atlas",
+        help="Atlas of the dictionary (`mri atlas`): candidates are features that fired in it, and the "
+        "concept words are the whole words it shows them promoting.",
+    ),
     tokens: str = typer.Option(
         "logits", "--tokens", help="Without an atlas, top tokens from: logits | corpus."
     ),
@@ -322,6 +370,8 @@ def concept_cmd(
     from mri.steer.concept_demo import concept_demo
     from mri.steer.measure import neutral_prompts
 
+    if strength is not None:
+        check_strength(strength)
     m = load(model)
     options = dict(strength=strength, mode=mode, atlas=atlas, token_source=tokens, max_new_tokens=max_new_tokens,
                    seed=seed)  # fmt: skip
@@ -338,8 +388,9 @@ def concept_cmd(
                 or f"{r['rate_ratio']:.1f}x concept at {r['perplexity_ratio']:.2f}x perplexity"
                 f" (strength {r['strength']:.3g})"
             )
-            word = r.get("word") or r["candidate"]["word"]
-            console.print(f"  candidate feature {r['feature']} ({word!r}): {verdict}")
+            cand = r["candidate"]
+            fires = f"; fires on {', '.join(map(repr, cand['fires_on']))}" if cand.get("fires_on") else ""
+            console.print(f"  candidate feature {r['feature']} ({cand['word']!r}{fires}): {verdict}")
         if searched["best"] is None:
             raise MriError("no candidate feature could be steered; pass --feature and --strength yourself")
         result = searched["best"]

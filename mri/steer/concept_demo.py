@@ -44,13 +44,18 @@ def concept_demo(
     on; spread, because neutral prompts come in corpus order and the first few share a source).
     concept: token ids that mark the concept (default: the feature's `n_tokens` top tokens, from `atlas`
     when given, else by `token_source`). The concept rate ratio is a lower bound: an unsteered rate of 0
-    counts as 1/n.
+    counts as 1/n. With an atlas (which must be of this dictionary) and no `concept`, the concept is the
+    whole words the atlas shows the feature promoting (`atlas_concept_words`).
     """
     if len(prompts) == 0:
         raise MriError("give at least one prompt")
     if concept is not None:
         concept = list(concept)
-    elif atlas is None and token_source == "logits":
+    elif atlas is not None:
+        concept = atlas_concept_words(model, dictionary, atlas, feature) or concept_tokens(
+            model, dictionary, feature, atlas=atlas, k=n_tokens
+        )
+    elif token_source == "logits":
         concept = concept_words(model, dictionary, feature) or concept_tokens(
             model, dictionary, feature, k=n_tokens
         )
@@ -92,6 +97,9 @@ def concept_demo(
         "mode": mode,
         "strength": float(strength),
         "n_prompts": n,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "atlas": None if atlas is None else str(atlas),
         "concept_tokens": [model.tokenizer.decode([t]) for t in concept],
         "steered_rate": steered.token_rate,
         "unsteered_rate": plain.token_rate,
@@ -132,18 +140,26 @@ def concept_candidates(
     min_letters: int = 4,
     max_frequency: float = 2e-4,
     frequencies: torch.Tensor | None = None,
+    atlas: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Features most likely to carry a steerable concept, read off the weights alone: those whose decoder
-    direction promotes one word far above the rest of the vocabulary.
+    """Features most likely to carry a steerable concept: those whose decoder direction promotes one word
+    far above the rest of the vocabulary.
 
     Score: the z-score of the top logit effect over the vocabulary (how singled out the word is), kept only
     when that token is a word (a leading space and at least `min_letters` letters) that is rare in ordinary
     text (share of corpus tokens at most `max_frequency`: a concept the unsteered model already writes
     everywhere cannot become ten times as common). Nothing here knows what any concept is: every feature
     is ranked the same way, so it can be used on any model and dictionary.
+
+    With `atlas` (one built from this dictionary) the candidates are picked from the atlas, as a person
+    browsing it would: only features that fired on the atlas's corpus count (a latent that never fires
+    carries no concept a reader could have seen), the word and the concept words are the ones the atlas
+    shows the feature promoting (`atlas_concept_words`), and each candidate lists the tokens it fires on
+    most in the atlas's top examples (`fires_on`), so what it reads can be weighed against what it writes.
     """
     from mri.atlas.effects import unembedding_path
 
+    shown = _atlas_features(dictionary, atlas) if atlas is not None else None
     freq = token_frequencies(model) if frequencies is None else frequencies
     W_U, gamma, centre = unembedding_path(model)
     W_dec = dictionary.W_dec.detach().float()
@@ -159,6 +175,10 @@ def concept_candidates(
         top = z.topk(5, dim=1)
         for i in range(len(d)):
             ids = top.indices[i].tolist()
+            if shown is not None:
+                if lo + i not in shown:
+                    continue
+                ids = shown[lo + i]["logit_pos_ids"][:5]
             word = model.tokenizer.decode([ids[0]])
             if not _is_word(word, min_letters) or (
                 ids[0] < len(freq) and float(freq[ids[0]]) > max_frequency
@@ -168,8 +188,62 @@ def concept_candidates(
     rows.sort(key=lambda r: -r["z"])
     rows = rows[:n]
     for r in rows:
-        r["concept"] = concept_words(model, dictionary, r["feature"], min_letters - 1)
+        if atlas is None:
+            r["concept"] = concept_words(model, dictionary, r["feature"], min_letters - 1)
+        else:
+            r["concept"] = atlas_concept_words(model, dictionary, atlas, r["feature"], min_letters - 1)
+            r["fires_on"] = atlas_peak_tokens(atlas, r["feature"])
+            r["density"] = shown[r["feature"]]["density"]
     return rows
+
+
+def _atlas_features(dictionary: Any, atlas: str | Path) -> dict[int, dict[str, Any]]:
+    """Feature -> its atlas row (density, promoted token ids), for the features that fired in the atlas;
+    MriError when the atlas is not of `dictionary` (its latent i would be another feature)."""
+    import pyarrow.parquet as pq
+
+    from mri.atlas.build import FEATURES
+    from mri.atlas.reader import Atlas
+
+    a = Atlas(atlas)
+    a.check_dictionary(dictionary)
+    rows = pq.read_table(a.path / FEATURES, columns=["feature", "density", "logit_pos_ids"]).to_pylist()
+    return {int(r["feature"]): r for r in rows if r["density"] > 0}
+
+
+def atlas_concept_words(
+    model: Any, dictionary: Any, atlas: str | Path, feature: int, min_letters: int = 3, k: int = 10
+) -> list[int]:
+    """The concept as the atlas shows it: the whole-word tokens (a leading space, letters only) among the
+    tokens the atlas lists the feature as promoting (its logit effect, top 10), up to `k`.
+
+    The promoted tokens, not the tokens it fires on: steering adds the feature's decoder direction, so what
+    should appear in steered text is what the feature writes; at the last block the tokens a feature fires
+    on are the context before that word (feature 3882 of mri-base's L3 SAE fires on ' file', ' message'
+    and promotes ' displayed', ' stored'), common words whose presence would say nothing about steering.
+    """
+    from mri.atlas.reader import Atlas
+
+    a = Atlas(atlas)
+    a.check_dictionary(dictionary)
+    ids = a.feature(feature, examples=False)["logit_pos_ids"]
+    return [int(t) for t in ids if _is_word(model.tokenizer.decode([int(t)]), min_letters)][:k]
+
+
+def atlas_peak_tokens(atlas: str | Path, feature: int, k: int = 5) -> list[str]:
+    """The tokens the feature fires on most in the atlas: peak tokens of its top examples, commonest
+    first."""
+    from collections import Counter
+
+    from mri.atlas.reader import Atlas
+
+    a = Atlas(atlas)
+    peaks = Counter(
+        e["tokens"][e["peak"]]
+        for e in a.examples(feature, kinds=("top",))
+        if 0 <= e["peak"] < len(e["tokens"])
+    )
+    return [t for t, _ in peaks.most_common(k)]
 
 
 def concept_words(model: Any, dictionary: Any, feature: int, min_letters: int = 3, k: int = 10) -> list[int]:
@@ -196,14 +270,18 @@ def concept_search(
 ) -> dict[str, Any]:
     """`concept_demo` on the `n_candidates` best `concept_candidates`, each with its strength calibrated on
     other samples; returns every result (so a reader sees how many were tried) and the best one: the first
-    that passes, else the one with the highest concept ratio inside the perplexity budget."""
+    that passes, else the one with the highest concept ratio inside the perplexity budget. An `atlas` in
+    `kwargs` picks the candidates and their concept words from the atlas (see `concept_candidates`)."""
     tried = []
-    for cand in concept_candidates(model, dictionary, n_candidates, min_letters):
+    atlas = kwargs.get("atlas")
+    for cand in concept_candidates(model, dictionary, n_candidates, min_letters, atlas=atlas):
         try:
             options = {"concept": cand["concept"], **kwargs}
             result = concept_demo(model, dictionary, cand["feature"], prompts, **options)
         except MriError as e:
-            tried.append({"feature": cand["feature"], "word": cand["word"], "error": str(e)})
+            tried.append(
+                {"feature": cand["feature"], "word": cand["word"], "candidate": cand, "error": str(e)}
+            )
             continue
         result["candidate"] = cand
         tried.append(result)

@@ -199,22 +199,49 @@ def _all_positions(steering: Steering) -> Steering:
     return out
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""The search's upper end: activations are float32 (or narrower), so no larger strength can stay finite."""
+
+
 def largest_finite_strength(
-    model: Any, steering: Steering, prompts: Sequence[str], too_far: float, *, rel_tol: float = 0.02
+    model: Any,
+    steering: Steering,
+    prompts: Sequence[str],
+    too_far: float,
+    *,
+    rel_tol: float = 0.02,
+    max_steps: int = 400,
 ) -> float:
-    """The largest |strength| (with the sign of `too_far`) below `too_far` at which the prompts' forward
-    pass stays finite: halving until finite, then bisecting on a log scale to within `rel_tol`."""
+    """The largest |strength| (with the sign of `too_far`) up to `too_far` at which the prompts' forward
+    pass stays finite: halving until finite, then bisecting on a log scale to within `rel_tol`.
+
+    The search starts at most at float32's largest value (an infinite or NaN `too_far` starts there too, so
+    halving always makes progress: inf / 2 is inf), the tolerance is at least 1e-6 (the midpoint of two
+    neighbouring floats is one of them), and it takes at most `max_steps` forward passes: it always ends.
+    """
     ids, mask = left_padded(model, [r[-64:] for r in prompt_ids(model, list(prompts)[:4])])
-    sign = 1.0 if too_far >= 0 else -1.0
-    hi = abs(too_far)
+    sign = -1.0 if too_far < 0 else 1.0  # NaN compares false: searched as positive
+    hi = abs(too_far) if math.isfinite(too_far) else FLOAT32_MAX
+    hi = min(hi, FLOAT32_MAX)
+    if hi == 0:
+        return 0.0
+    steps = 0
+
+    def finite(strength: float) -> bool:
+        nonlocal steps
+        steps += 1
+        return is_finite(model, steering.with_strength(sign * strength), ids, mask)
+
+    if hi == FLOAT32_MAX and finite(hi):
+        return sign * hi
     lo = hi / 2
-    while lo > 0 and not is_finite(model, steering.with_strength(sign * lo), ids, mask):
+    while not finite(lo):
         hi, lo = lo, lo / 2
-        if lo < 1e-30:
+        if lo < 1e-30 or steps >= max_steps:
             return 0.0
-    while hi / lo > 1 + rel_tol:
+    while hi / lo > 1 + max(rel_tol, 1e-6) and steps < max_steps:
         mid = math.sqrt(lo * hi)
-        if is_finite(model, steering.with_strength(sign * mid), ids, mask):
+        if finite(mid):
             lo = mid
         else:
             hi = mid

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,24 @@ class NonFiniteSteering(Exception):
     """Raised inside a forward pass when steering made an activation or a logit NaN or infinite."""
 
 
+def check_strength(strength: Any) -> float:
+    """`strength` as a float, or MriError when it is not a finite number.
+
+    Checked up front because an infinite or NaN strength cannot be steered at all: every forward pass turns
+    NaN, and the search for the largest finite strength has no finite upper end to bisect from.
+    """
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise MriError(f"strength must be a finite number, got {strength!r}") from None
+    if not math.isfinite(value):
+        raise MriError(
+            f"strength must be a finite number, got {value}; give a finite --strength "
+            "(or run `mri steer calibrate` to choose one)"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class FeatureEdit:
     """One feature of a dictionary (an SAE or a transcoder), steered at the dictionary's output site."""
@@ -46,6 +67,9 @@ class FeatureEdit:
     strength: float = 0.0
     """add: multiple of the decoder row; clamp: the activation held; ablate: ignored."""
 
+    def __post_init__(self) -> None:
+        check_strength(self.strength)
+
 
 @dataclass(frozen=True)
 class VectorEdit:
@@ -56,23 +80,60 @@ class VectorEdit:
     """(d_model,)."""
     strength: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_strength(self.strength)
+
 
 Edit = FeatureEdit | VectorEdit
 
 
-def check_dictionary(model: Any, dictionary: Any, *, check_fingerprint: bool = True) -> None:
+_WARNED: dict[str, Any] = {"objects": weakref.WeakSet(), "files": set()}
+"""What has been warned about for lacking a fingerprint: dictionaries (held weakly, so a new one at a
+reused address is still warned about) and vector files (by resolved path)."""
+
+
+def check_fingerprint(model: Any, want: str | None, what: str, remedy: str, *, about: Any) -> None:
+    """MriError when `want`, the fingerprint `what` records, is not `model`'s; when it records none, a
+    warning, once per `about` (a dictionary object, or a vector file's path as a str).
+
+    A dictionary or vector made on another model has the right width more often than not (models of a
+    family share d_model), so steering with it would run and quietly write nonsense: the fingerprint is the
+    only way to tell. One without a fingerprint (made by hand, or by an older tool) cannot be checked; it is
+    accepted, warned about once so that a sweep which rebuilds the steering does not repeat it.
+    """
+    have = model.fingerprint()
+    if want and want != have:
+        raise MriError(
+            f"{what} was trained on another model (fingerprint {want}, {model.name} has {have}); {remedy}"
+        )
+    if want:
+        return
+    seen = _WARNED["files"] if isinstance(about, str) else _WARNED["objects"]
+    if about in seen:
+        return
+    seen.add(about)
+    warnings.warn(
+        f"{what} records no model fingerprint, so it cannot be checked against {model.name}; steering "
+        "anyway: make sure it was made on this model",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def check_dictionary(model: Any, dictionary: Any, *, fingerprint: bool = True) -> None:
     """MriError unless `dictionary` can steer `model`: same model, sites that exist, matching widths."""
     cfg = dictionary.cfg
     if cfg.kind == "clt":
         raise MriError(
             "steering through a cross-layer transcoder is not supported; use an SAE or a per-layer transcoder"
         )
-    want = cfg.model_fingerprint
-    if check_fingerprint and want and want != model.fingerprint():
-        raise MriError(
-            f"this dictionary was trained on another model (fingerprint {want}, {model.name} has "
-            f"{model.fingerprint()}); load the model it was trained on, or train a dictionary on this one "
-            "with `mri dict train`"
+    if fingerprint:
+        check_fingerprint(
+            model,
+            cfg.model_fingerprint,
+            "this dictionary",
+            "load the model it was trained on, or train a dictionary on this one with `mri dict train`",
+            about=dictionary,
         )
     for site in (*cfg.sites_in, *cfg.sites_out):
         try:
@@ -136,7 +197,7 @@ class Steering:
             return dataclasses.replace(edit, site=site, vector=vector.float())
         if edit.mode not in MODES:
             raise MriError(f"mode must be one of {', '.join(MODES)}, got {edit.mode!r}")
-        check_dictionary(self.model, edit.dictionary, check_fingerprint=check_fingerprint)
+        check_dictionary(self.model, edit.dictionary, fingerprint=check_fingerprint)
         edit.dictionary.to(self.model.device)
         return dataclasses.replace(edit, feature=check_feature(edit.dictionary, edit.feature))
 
@@ -150,9 +211,10 @@ class Steering:
 
     def with_strength(self, strength: float) -> Steering:
         """A copy whose every add, clamp and vector edit has this strength (ablations stay at 0)."""
+        strength = check_strength(strength)
         out = copy.copy(self)
         out.edits = [
-            e if getattr(e, "mode", None) == "ablate" else dataclasses.replace(e, strength=float(strength))
+            e if getattr(e, "mode", None) == "ablate" else dataclasses.replace(e, strength=strength)
             for e in self.edits
         ]
         out.begin(0)
@@ -283,8 +345,10 @@ def save_vector(path: str | Path, vector: torch.Tensor, site: str, **metadata: s
     return path
 
 
-def load_vector(path: str | Path, key: str | None = None) -> tuple[torch.Tensor, str | None]:
-    """(vector (d,), site or None) from a safetensors file: the tensor `key`, else its only 1-d tensor."""
+def read_vector(path: str | Path, key: str | None = None) -> tuple[torch.Tensor, dict[str, str]]:
+    """(vector (d,), the file's metadata) from a safetensors file: the tensor `key`, else its only 1-d
+    tensor. The metadata holds the vector's `site` and, when `save_vector` was given it, the
+    `model_fingerprint` of the model it was made on."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -293,7 +357,7 @@ def load_vector(path: str | Path, key: str | None = None) -> tuple[torch.Tensor,
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+            meta = dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for a corrupt header
         raise MriError(f"{path} is not a safetensors file: {e}") from e
     if key is None:
@@ -304,5 +368,26 @@ def load_vector(path: str | Path, key: str | None = None) -> tuple[torch.Tensor,
             )
         key = flat[0]
     if key not in tensors:
-        raise MriError(f"{path} has no tensor {key!r}; it holds {sorted(tensors)}")
-    return tensors[key].float().reshape(-1), meta.get("site")
+        raise MriError(
+            f"{path} has no tensor {key!r}; it holds {sorted(tensors)}: pass one with --vector-key"
+        )
+    return tensors[key].float().reshape(-1), meta
+
+
+def load_vector(path: str | Path, key: str | None = None) -> tuple[torch.Tensor, str | None]:
+    """(vector (d,), site or None) from a safetensors file: the tensor `key`, else its only 1-d tensor."""
+    vector, meta = read_vector(path, key)
+    return vector, meta.get("site")
+
+
+def check_vector_file(model: Any, path: str | Path, meta: dict[str, str]) -> None:
+    """MriError when the vector file's recorded `model_fingerprint` is not `model`'s (a warning, once per
+    file, when it records none): see `check_fingerprint`."""
+    check_fingerprint(
+        model,
+        meta.get("model_fingerprint"),
+        f"the vector in {path}",
+        "make it on this model with `mri steer vector` (or save it with save_vector(..., "
+        "model_fingerprint=model.fingerprint()))",
+        about=str(Path(path).resolve()),
+    )
