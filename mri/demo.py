@@ -5,6 +5,12 @@ record -> decompose (a TopK SAE) -> explain (atlas, pages, labels) -> steer (a c
 calibrated) -> trace (an attribution graph of a two-hop question) -> audit (a planted organism against its
 base) -> `mri serve`. Steering and tracing use the dictionaries shipped for the model when there are some
 (`mri.zoo.dictionaries`); the audit runs when the model has a planted sibling in the zoo.
+
+Every dictionary the scan shows features of has its own small atlas (the demo's SAE, the steering SAE, each
+transcoder the graph is traced with), so that a feature number in the app always opens that dictionary's
+feature page: latent 876 of a layer-2 transcoder and latent 876 of a layer-2 SAE are unrelated features.
+The wall time of every stage is recorded in the scan's manifest (`timings`) and printed at the end: the
+whole demo must fit in 10 minutes on a 2-core machine, and the numbers show where the time goes.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mri.atlas import Atlas, build_atlas
@@ -28,6 +35,10 @@ from mri.dictionaries import DictConfig, TrainConfig, Trainer, build, save
 from mri.dictionaries.metrics import evaluate_on_batches, write_report
 from mri.explain.run import explain_atlas
 from mri.models import Model, load
+
+SIDE_ATLAS_TOKENS = 8192
+"""Tokens of corpus for the small atlases of the shipped dictionaries (steering SAE, transcoders): enough
+for top examples of the features a graph or the steering example shows, and about a second each."""
 
 
 def site_summary(store: ActivationStore, site: str, max_tokens: int = 65536) -> dict[str, float]:
@@ -102,22 +113,38 @@ def demo_sites(model: Model) -> list[str]:
     return [f"blocks.{i}.hook_resid_post" for i in range(model.n_layers)] + ["blocks.1.hook_mlp_out"]
 
 
-def steer_stage(model: Model, sae_dir: Path, out: Path, console: Console) -> dict:
+def side_atlas(model: Model, folder: Path, corpus: Path, out: Path) -> Path:
+    """A small atlas (SIDE_ATLAS_TOKENS tokens, no HTML) of a shipped dictionary, so the app has feature
+    pages for the very dictionary a graph or the steering example uses."""
+    return build_atlas(
+        model, folder.resolve(), corpus, out, tokens=SIDE_ATLAS_TOKENS, command="mri demo", progress=False
+    )
+
+
+def steer_stage(model: Model, sae_dir: Path, scan: Path, corpus: Path, console: Console) -> dict:
     """The concept search's best candidate on 50 neutral prompts (one candidate, strength calibrated), using
-    the model's shipped last-block SAE when there is one (steering there keeps fluency best), else the demo's."""
+    the model's shipped last-block SAE when there is one (steering there keeps fluency best), else the demo's.
+    concept.json records the dictionary's path and fingerprint, and a shipped SAE gets its own small atlas,
+    so the app's Steer page can show the example and replay it in the playground."""
+    from mri.atlas.source import dictionary_fingerprint
     from mri.dictionaries import load as load_dictionary
     from mri.steer import neutral_prompts
     from mri.steer.concept_demo import concept_search
     from mri.zoo.dictionaries import available, resolve
 
-    folder = resolve(model.name, "sae")[-1] if "sae" in available().get(model.name, []) else sae_dir
-    found = concept_search(model, load_dictionary(folder), neutral_prompts(50), 1, max_new_tokens=64)
+    shipped = "sae" in available().get(model.name, [])
+    folder = (resolve(model.name, "sae")[-1] if shipped else sae_dir).resolve()
+    dictionary = load_dictionary(folder)
+    found = concept_search(model, dictionary, neutral_prompts(50), 1, max_new_tokens=64)
     result = found["best"]
     if result is None:
         console.print(f"steer: no candidate could be steered ({found['tried']})")
         return {"dictionary": str(folder), "tried": found["tried"]}
+    out = scan / "steer"
     out.mkdir(parents=True, exist_ok=True)
+    found = {**found, "dictionary": str(folder), "dictionary_fingerprint": dictionary_fingerprint(dictionary)}
     write_json_atomic(out / "concept.json", found)
+    atlas = side_atlas(model, folder, corpus, scan / "atlases" / f"sae-{folder.name}") if shipped else None
     console.print(
         f"feature {result['feature']} of {folder.name} ({', '.join(result['concept_tokens'][:4])}, ...) at "
         f"strength {result['strength']:.3g}: concept in {result['steered_rate']:.0%} of steered vs "
@@ -126,15 +153,20 @@ def steer_stage(model: Model, sae_dir: Path, out: Path, console: Console) -> dic
     )
     for e in result["examples"][:2]:
         console.print(f"  [dim]{e['prompt']!r}[/] -> {e['steered'][:100]!r}")
-    return {"dictionary": str(folder), **{k: result[k] for k in ("feature", "strength", "rate_ratio",
-            "perplexity_ratio", "passed")}}  # fmt: skip
+    return {"dictionary": str(folder), "example": "steer/concept.json",
+            "atlas": str(atlas.relative_to(scan)) if atlas else "atlas",
+            **{k: result[k] for k in ("feature", "strength", "rate_ratio", "perplexity_ratio", "passed")}}  # fmt: skip
 
 
-def trace_stage(model: Model, out: Path, atlas: Path, console: Console) -> dict | None:
-    """An attribution graph through the shipped transcoders of a two-hop question the model answers."""
+def trace_stage(model: Model, scan: Path, corpus: Path, console: Console) -> dict | None:
+    """An attribution graph through the shipped transcoders of a two-hop question the model answers, with
+    a small atlas of each transcoder (its graph features explained), so the graph's nodes carry labels and
+    open their own transcoder's feature pages. The graph records each transcoder's fingerprint
+    (`mri.trace.export.transcoder_identity`): the app links a node only to an atlas of that very dictionary."""
+    from mri.explain.run import explain_atlas
     from mri.trace.attribution import attribute
-    from mri.trace.export import write_graph
-    from mri.trace.graph import scores
+    from mri.trace.export import atlas_labels, write_graph
+    from mri.trace.graph import prune, scores
     from mri.trace.ground_truth import zoo_world
     from mri.trace.replacement import ReplacementModel
     from mri.trace.transcoders import load_transcoders
@@ -143,21 +175,43 @@ def trace_stage(model: Model, out: Path, atlas: Path, console: Console) -> dict 
     if "transcoders" not in available().get(model.name, []):
         console.print(f"trace: no transcoders are shipped for {model.name}; skipped")
         return None
-    rm = ReplacementModel(model, load_transcoders(resolve(model.name, "transcoders"), model.n_layers))
+    folders = [f.resolve() for f in resolve(model.name, "transcoders")]
+    rm = ReplacementModel(model, load_transcoders(folders, model.n_layers))
     question = zoo_world()["two_hop_train"][0]
     graph = attribute(question["prompt"], rm, max_feature_nodes=1000, batch_size=128)
-    path = write_graph(graph, out / "two-hop.json", labels=None, transcoders=rm.transcoders)
+
+    kept = prune(graph, 0.8, 0.98).node_mask[: graph.n_features]  # write_graph's default thresholds
+    shown: dict[int, set[int]] = {}
+    for layer, _, latent in graph.features[kept].tolist():
+        shown.setdefault(layer, set()).add(latent)
+    atlases, explained = [], 0
+    for folder in folders:
+        atlas = side_atlas(model, folder, corpus, scan / "atlases" / "transcoders" / folder.name)
+        layer = int(Atlas(atlas).manifest["site"].split(".")[1])  # blocks.{layer}.hook_mlp_in
+        if shown.get(layer):
+            explain_atlas(atlas, features=sorted(shown[layer]), progress=False)
+            explained += len(shown[layer])
+        atlases.append(atlas)
+    labels = atlas_labels(atlases, transcoders=rm.transcoders)
+    path = write_graph(graph, scan / "graphs" / "two-hop.json", labels=labels, transcoders=rm.transcoders)
     s = scores(graph)
     console.print(
         f"{question['prompt']!r} -> {question['answer']!r}: {graph.info['n_active_features']} active features, "
-        f"replacement score {s.replacement:.2f}, completeness {s.completeness:.2f} ({path.name})"
+        f"replacement score {s.replacement:.2f}, completeness {s.completeness:.2f} ({path.name}); "
+        f"{len(atlases)} transcoder atlases, {explained} graph features labelled"
     )
-    return {"graph": str(path.relative_to(out.parent)), "prompt": question["prompt"],
-            "replacement": s.replacement, "completeness": s.completeness}  # fmt: skip
+    return {"graph": str(path.relative_to(scan)), "prompt": question["prompt"],
+            "replacement": s.replacement, "completeness": s.completeness,
+            "atlases": [str(a.relative_to(scan)) for a in atlases], "labelled": explained}  # fmt: skip
 
 
 def audit_stage(model: Model, sae_dir: Path, out: Path, console: Console) -> dict | None:
-    """Audit the model's planted sibling (the backdoor) against it, through the demo's SAE, blind."""
+    """Audit the model's planted sibling (the backdoor) against it, through the demo's SAE, blind.
+
+    The trigger search is minutes on a CPU, so a spinner with the elapsed time runs throughout and every
+    stage and search round is printed as the audit reports it. The audit's manifest names the SAE (path and
+    fingerprint), so the app links the report's feature numbers to the demo atlas of that SAE."""
+    from mri.atlas.source import dictionary_fingerprint
     from mri.audit import AuditConfig, audit
     from mri.dictionaries import load as load_dictionary
     from mri.zoo.organisms import list_organisms
@@ -168,7 +222,19 @@ def audit_stage(model: Model, sae_dir: Path, out: Path, console: Console) -> dic
         return None
     planted = load(variant)
     config = AuditConfig(kl_texts=8, prompts=16, confirm_prompts=8, candidates=16, probes=False)
-    report = audit(planted, model, load_dictionary(sae_dir), out, config, ledger=out / "ledger.jsonl")
+    sae = load_dictionary(sae_dir)
+    inputs = {"dictionary": str(sae_dir.resolve()), "dictionary_fingerprint": dictionary_fingerprint(sae)}
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"audit of {variant}: diffing it against {model.name}", total=None)
+
+        begun = time.time()
+
+        def log(line: str) -> None:  # a line per audit stage and search round, stamped with the time so far
+            progress.console.print(f"  [dim]{time.time() - begun:6.1f} s  {line}[/]")
+            progress.update(task, description=line.removeprefix("audit: ")[:90])
+
+        report = audit(planted, model, sae, out, config, ledger=out / "ledger.jsonl", inputs=inputs, log=log)
     for f in report["findings"][:3]:
         console.print(
             f"  {f['kind']}: {f.get('summary') or f.get('trigger')!r} (confidence {f['confidence']:.2f})"
@@ -194,6 +260,7 @@ def run_demo(
     console.rule(f"[bold]mri demo[/] — {model_name}")
     model = load(model_name)
     console.print(f"loaded {model!r}; {len(model.site_names)} sites")
+    timings = {"load": time.time() - started}
 
     console.rule("record")
     t0 = time.time()
@@ -203,6 +270,7 @@ def run_demo(
     )
     store = ActivationStore(store_path)
     record_s = time.time() - t0
+    timings["record"] = record_s
     table = Table(
         title=f"{store.n_tokens:,} tokens recorded in {record_s:.1f} s ({store.n_tokens / record_s:,.0f} tok/s)"
     )
@@ -225,7 +293,7 @@ def run_demo(
     sae_site = sites[min(2, model.n_layers - 1)]
     t0 = time.time()
     dict_summary = decompose(store, sae_site, out / "dicts" / sae_site, model.fingerprint(), console)
-    dict_summary["seconds"] = time.time() - t0
+    dict_summary["seconds"] = timings["decompose"] = time.time() - t0
     console.print(
         f"TopK SAE on {sae_site}: {dict_summary['n_latents']} latents, k={dict_summary['k']}, "
         f"FVU {dict_summary.get('fvu', float('nan')):.3f}, L0 {dict_summary.get('l0', float('nan')):.1f}, "
@@ -263,24 +331,26 @@ def run_demo(
     explain_summary = {
         "atlas": "atlas",
         "explained": len({r["feature"] for r in labels}),
-        "seconds": time.time() - t0,
+        "seconds": time.time() - t0,  # the table above is printed by now: its time counts
         "scored": len(scored),
         "mean_detection_score": sum(r["score"] for r in scored) / max(1, len(scored)),
     }
     console.print(f"feature pages: {atlas_path / 'html' / 'index.html'}")
+    timings["explain"] = explain_summary["seconds"]
 
     later: dict[str, dict | None] = {}
     for name, stage in (
-        ("steer", lambda: steer_stage(model, Path(dict_summary["dict"]), out / "steer", console)),
-        ("trace", lambda: trace_stage(model, out / "graphs", atlas_path, console)),
+        ("steer", lambda: steer_stage(model, Path(dict_summary["dict"]), out, corpus, console)),
+        ("trace", lambda: trace_stage(model, out, corpus, console)),
         ("audit", lambda: audit_stage(model, Path(dict_summary["dict"]), out / "audit", console)),
     ):
         if name in stages:
             console.rule(name)
             t0 = time.time()
             later[name] = stage()
+            timings[name] = time.time() - t0
             if later[name] is not None:
-                later[name]["seconds"] = time.time() - t0
+                later[name]["seconds"] = timings[name]
 
     summary = {
         "kind": "scan",
@@ -303,6 +373,15 @@ def run_demo(
         },
         "seconds": time.time() - started,
     }
+    summary["timings"] = {**timings, "total": summary["seconds"]}
+    summary["skipped"] = [k for k, v in later.items() if v is None]
     write_json_atomic(out / "manifest.json", summary)
-    console.print(f"scan written to [bold]{out}[/] in {summary['seconds']:.1f} s")
+    table = Table(title="wall time of each stage")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for name, seconds in summary["timings"].items():
+        skipped = " (skipped)" if name in summary["skipped"] else ""
+        table.add_row(f"[bold]{name}[/]" if name == "total" else name + skipped, f"{seconds:.1f}")
+    console.print(table)
+    console.print(f"scan written to [bold]{out}[/] in {summary['seconds']:.1f} s (timings in manifest.json)")
     return summary

@@ -1,6 +1,7 @@
 """The web app's API over a real scan of the shipped mri-tiny organism: browsing agrees with the atlas files,
 feature pages agree with `Atlas.feature`, steering agrees with `mri.steer.generate`, graphs and the audit
-report are served as written; paths stay inside the scan folder and every bound answers with a 4xx."""
+report are served as written, and their feature numbers link only to atlases of their own dictionaries;
+paths stay inside the scan folder, every bound answers with a 4xx, and nothing loads from another host."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from hypothesis import strategies as st
 
 import mri
 from mri.atlas import Atlas, build_atlas
+from mri.atlas.source import dictionary_fingerprint
 from mri.data.corpus import sample_corpus
 from mri.dictionaries import save
 from mri.explain.run import explain_atlas
-from mri.serve.app import create_app
+from mri.serve.app import STATIC, create_app
 from mri.serve.paths import MAX_BODY_BYTES, MAX_NEW_TOKENS, OutsideRoot, inside
 from mri.trace import ReplacementModel, atlas_labels, attribute, load_transcoders, write_graph
+from mri.trace.export import IDENTITY
 from mri.trace.toy import random_transcoders
 
 PROMPT = "The capital of the region is"
@@ -59,14 +62,21 @@ def circuit_tracer_style(data: dict) -> dict:
         "pinnedIds": ",".join(features[:2]),
         "supernodes": [["group", *features[:2]]],
     }
-    metadata = {**data["metadata"], "slug": "circuit-tracer-style"}
+    # circuit-tracer's metadata has no mri `info`, so nothing says which dictionaries the graph was traced with
+    metadata = {k: v for k, v in data["metadata"].items() if k != "info"} | {"slug": "circuit-tracer-style"}
     return {**data, "metadata": metadata, "nodes": nodes, "links": links, "qParams": qparams}
 
 
 def build_scan(root: Path) -> Path:
     """A small real scan: random transcoders for both layers of mri-tiny saved under dicts/, an atlas of
-    each (labelled by the offline explainer) under atlases/, a traced graph under graphs/ (plus the same
-    graph in circuit-tracer's flavour of the schema)."""
+    each (labelled by the offline explainer) under atlases/, a decoy atlas at layer 0 of another transcoder
+    with the same config (other weights: latent i there is another feature), a traced graph under graphs/
+    that records its transcoders' identities (plus the same graph in circuit-tracer's flavour of the schema,
+    which records none), and a steering example of one transcoder feature under steer/ as `mri demo`
+    writes it."""
+    from mri.steer import neutral_prompts
+    from mri.steer.concept_demo import concept_demo
+
     scan = root / "scan"
     model = mri.load("mri-tiny")
     paths, atlases = [], []
@@ -76,6 +86,11 @@ def build_scan(root: Path) -> Path:
                             ctx_len=64, progress=False)  # fmt: skip
         explain_atlas(atlas, limit=24, progress=False)
         atlases.append(atlas)
+    decoy = save(
+        random_transcoders(model, n_latents=96, active=8, seed=1).coders[0], scan / "dicts" / "decoy0"
+    )
+    build_atlas(model, decoy, sample_corpus(), scan / "atlases" / "decoy-L0", tokens=1024, ctx_len=64,
+                progress=False)  # fmt: skip
     transcoders = load_transcoders(paths, model.n_layers)
     graph = attribute(PROMPT, ReplacementModel(model, transcoders), max_feature_nodes=60)
     labels = atlas_labels(atlases)
@@ -84,6 +99,13 @@ def build_scan(root: Path) -> Path:
     )
     data = json.loads(path.read_text())
     (scan / "graphs" / "circuit-tracer.json").write_text(json.dumps(circuit_tracer_style(data)))
+    steered = concept_demo(
+        model, transcoders.coders[1], 3, neutral_prompts(3), strength=40.0, max_new_tokens=12
+    )
+    (scan / "steer").mkdir()
+    example = {"best": steered, "passed": steered["passed"], "tried": [steered], "dictionary": str(paths[1]),
+               "dictionary_fingerprint": dictionary_fingerprint(transcoders.coders[1])}  # fmt: skip
+    (scan / "steer" / "concept.json").write_text(json.dumps(example))
     (root / "secret.txt").write_text(CANARY)
     (root / "secret.json").write_text(json.dumps({"secret": CANARY}))
     return scan
@@ -106,12 +128,89 @@ def client(serve_scan) -> TestClient:
     return TestClient(create_app(serve_scan))
 
 
+def audited_copy(scan: Path, dest: Path) -> Path:
+    """A copy of `scan` with a real audit report in audit/ (mri-tiny against itself, read through the
+    layer-0 transcoder, a small config: about a second), written by `mri.audit.audit` as `mri audit` does,
+    its inputs naming that transcoder; the ledger goes beside the copy."""
+    import shutil
+
+    from mri.audit import AuditConfig, audit
+    from mri.dictionaries import load
+
+    shutil.copytree(scan, dest)
+    config = AuditConfig(kl_texts=2, prompts=4, new_tokens=6, carriers=2, candidates=4, confirm_prompts=2,
+                         probes=False, lexicon="none")  # fmt: skip
+    tc0 = load(dest / "dicts" / "tc0")
+    inputs = {
+        "dictionary": str((dest / "dicts" / "tc0").resolve()),
+        "dictionary_fingerprint": dictionary_fingerprint(tc0),
+    }
+    model = mri.load("mri-tiny")
+    audit(model, model, tc0, dest / "audit", config, ledger=dest.parent / "ledger.jsonl", inputs=inputs,
+          log=lambda _: None)  # fmt: skip
+    return dest
+
+
 def test_scan_lists_atlases_graphs_and_no_audit(client):
     info = client.get("/api/scan").json()
-    assert [a["id"] for a in info["atlases"]] == ["atlases/L0", "atlases/L1"]
-    assert [a["layer"] for a in info["atlases"]] == [0, 1]
+    assert [a["id"] for a in info["atlases"]] == ["atlases/L0", "atlases/L1", "atlases/decoy-L0"]
+    assert [a["layer"] for a in info["atlases"]] == [0, 1, 0]
     assert info["atlases"][1]["dictionary"] == "tc1" and info["graphs"] == 2 and info["audit"] is False
-    assert client.get("/api/audit").json() == {"present": False, "report": None}
+    assert info["steer_example"] is True
+    assert client.get("/api/audit").json() == {"present": False, "report": None, "atlas": None}
+
+
+def test_graph_nodes_link_only_to_the_atlas_of_their_own_transcoder(client, serve_scan):
+    """The decoy atlas is at layer 0 with the layer-0 transcoder's config: only the fingerprint (config and
+    weights) tells them apart, and a graph that records no identity (circuit-tracer's) links nowhere."""
+    from mri.dictionaries import load
+
+    graph = client.get("/api/graphs/capital.json").json()
+    identity = graph["metadata"]["info"][IDENTITY]
+    layers = {int(n["layer"]) for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    assert layers == {0, 1}
+    ask = [{"layer": int(k), **v} for k, v in identity.items()]
+    got = {
+        r["layer"]: r["atlas"] for r in client.post("/api/graph-atlases", json={"dictionaries": ask}).json()
+    }
+    assert got == {0: "atlases/L0", 1: "atlases/L1"}
+    for layer, atlas in got.items():
+        manifest = json.loads((serve_scan / atlas / "manifest.json").read_text())
+        assert manifest["dictionary_fingerprint"] == dictionary_fingerprint(
+            load(serve_scan / f"dicts/tc{layer}")
+        )
+    decoy = json.loads((serve_scan / "atlases/decoy-L0/manifest.json").read_text())
+    assert decoy["dictionary_config"] == identity["0"]["config"]  # the same config: only weights differ
+    # config alone cannot tell L0 from the decoy, so layer 0 gets no link; layer 1 has one candidate
+    by_config = [{"layer": d["layer"], "config": d["config"]} for d in ask]
+    got = client.post("/api/graph-atlases", json={"dictionaries": by_config}).json()
+    assert {r["layer"]: r["atlas"] for r in got} == {0: None, 1: "atlases/L1"}
+    other = [{**ask[0], "fingerprint": "0" * 32}]
+    assert client.post("/api/graph-atlases", json={"dictionaries": other}).json() == [
+        {"layer": 0, "atlas": None}
+    ]
+    assert (
+        client.post(
+            "/api/graph-atlases", json={"dictionaries": [{"layer": 0, "fingerprint": "../x"}]}
+        ).status_code
+        == 422
+    )
+    assert "info" not in client.get("/api/graphs/circuit-tracer.json").json()["metadata"]
+
+
+def test_steer_example_is_summarised_with_the_atlas_of_its_dictionary(client, serve_scan):
+    written = json.loads((serve_scan / "steer/concept.json").read_text())["best"]
+    got = client.get("/api/steer/example").json()
+    assert got["present"] and got["example"]["atlas"] == "atlases/L1"
+    ex = got["example"]
+    assert (ex["feature"], ex["mode"], ex["strength"]) == (3, "add", 40.0) and ex["dictionary"] == "tc1"
+    assert ex["steered_rate"] == written["steered_rate"] and ex["unsteered_rate"] == written["unsteered_rate"]
+    assert [e["prompt"] for e in ex["examples"]] == [e["prompt"] for e in written["examples"][:3]]
+    assert ex["file"] == "steer/concept.json"
+    assert TestClient(create_app(serve_scan / "atlases/L0")).get("/api/steer/example").json() == {
+        "present": False,
+        "example": None,
+    }
 
 
 def test_browse_pages_through_every_feature_once_in_order(client, serve_scan):
@@ -287,6 +386,18 @@ def test_inside_never_resolves_outside(parts):
     assert target.is_relative_to(root.resolve())
 
 
+def test_audit_report_links_features_to_the_atlas_of_its_dictionary(serve_scan, tmp_path):
+    from mri.audit.report import read_report
+
+    scan = audited_copy(serve_scan, tmp_path / "audited")
+    got = TestClient(create_app(scan)).get("/api/audit").json()
+    assert got["present"] and got["atlas"] == "atlases/L0"
+    assert got["report"]["kind"] == "audit-report" and got["report"]["findings"]
+    assert [f["kind"] for f in got["report"]["findings"]] == [
+        f["kind"] for f in read_report(scan / "audit")["findings"]
+    ]
+
+
 def test_audit_report_is_served_when_present(tmp_path):
     scan = tmp_path / "scan"
     (scan / "audit").mkdir(parents=True)
@@ -296,11 +407,16 @@ def test_audit_report_is_served_when_present(tmp_path):
     }
     (scan / "audit" / "report.json").write_text(json.dumps(report))
     got = TestClient(create_app(scan)).get("/api/audit").json()
-    assert got["present"] and got["report"]["findings"][0] == {
-        "title": "x",
-        "severity": "high",
-        "score": None,
-    }
+    assert (
+        got["present"]
+        and got["atlas"] is None
+        and got["report"]["findings"][0]
+        == {
+            "title": "x",
+            "severity": "high",
+            "score": None,
+        }
+    )
 
 
 def test_hosts_headers_and_front_end(client):
@@ -311,18 +427,37 @@ def test_hosts_headers_and_front_end(client):
         "default-src 'self'" in r.headers["content-security-policy"]
         and r.headers["x-frame-options"] == "DENY"
     )
-    for name in ("app.js", "graph.js", "app.css"):
-        text = client.get(f"/static/{name}").text
-        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
     assert client.get("/static/..%2Fapp.py").status_code in (403, 404)
     spec = client.get("/openapi.json").json()
     assert {
         "/api/features",
         "/api/features/{feature}",
         "/api/steer",
+        "/api/steer/example",
+        "/api/graph-atlases",
         "/api/graphs/{name}",
         "/api/audit",
     } <= set(spec["paths"])
+
+
+def test_no_cdn_docs_and_nothing_served_from_another_host(client):
+    """FastAPI's /docs and /redoc load Swagger UI and ReDoc from a CDN, which the CSP blanks: they are off,
+    the spec stays, and no page or script the app serves names another host (the SVG namespace URI is an
+    identifier, never fetched)."""
+    import re
+
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404
+    assert client.get("/openapi.json").json()["info"]["title"] == "mri"
+    served = {"/": client.get("/").text}
+    served |= {
+        f"/static/{p.name}": client.get(f"/static/{p.name}").text for p in STATIC.iterdir() if p.is_file()
+    }
+    assert {"/", "/static/index.html", "/static/app.js", "/static/graph.js", "/static/app.css"} <= set(served)
+    for path, text in served.items():
+        text = text.replace("http://www.w3.org/2000/svg", "")
+        assert "cdn." not in text.lower() and not re.search(r"https?://", text), path
+        assert not re.search(r"""["'`]/(docs|redoc)\b""", text), path  # no link to the CDN pages
 
 
 def test_cli_registers_serve():

@@ -125,9 +125,16 @@ def run_audit(model: Any, base: Any, dictionary: Any, config: AuditConfig | None
     from mri.zoo.lexicon import load_lexicon
 
     words = [] if cfg.lexicon == "none" else load_lexicon(cfg.lexicon)
+    log(f"audit: trigger search ({cfg.carriers} carriers, {cfg.candidates} candidates, {len(words)} words)")
     search = triggers.search_triggers(
-        model, base, diffing.standard_prompts(cfg.carriers, skip=40), n_candidates=cfg.candidates, lexicon=words
+        model,
+        base,
+        diffing.standard_prompts(cfg.carriers, skip=40),
+        n_candidates=cfg.candidates,
+        lexicon=words,
+        log=log,
     )
+    log(f"audit: confirming {search.text!r} by generation on {cfg.confirm_prompts} prompts")
     confirm_prompts = diffing.standard_prompts(cfg.confirm_prompts, skip=48)
     confirmation = triggers.confirm(model, base, search.text, confirm_prompts, seed=cfg.seed)
     lap("triggers")
@@ -172,6 +179,7 @@ def run_audit(model: Any, base: Any, dictionary: Any, config: AuditConfig | None
         on = [diffing.encode(model, p) for p in rng_prompts]
         said = diffing.encode(model, c.behaviour, bos=False)
         forced = ([row + said for row in on], [[len(row)] for row in on])  # the behaviour's first token
+        log(f"audit: features behind {c.behaviour!r}: attribution, then ablation curves on {len(on)} prompts")
         feats, info = _attributed(model, dictionary, *forced)
         direction = causal.mean_site_value(model, site, on) - causal.mean_site_value(base, site, on)
         trig["features"] = info

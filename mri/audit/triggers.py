@@ -22,7 +22,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -198,14 +198,16 @@ def refine(
     max_len: int = 8,
     guesses: int = 8,
     min_gain: float = 0.02,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Scored, list[dict]]:
     """Greedy coordinate search from `start`: each round scores every one-token insertion, replacement and
     deletion (tokens from `pool`, the base's guesses at that gap, and the best by gradient there) and keeps
-    the best if it raises the objective by at least `min_gain`. Returns the final string and the path."""
+    the best if it raises the objective by at least `min_gain`. Returns the final string and the path.
+    `log` hears one line per round (the search is minutes on a CPU; it only reports, never decides)."""
     best = start
     path = [{"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency}]
     special = set(model.tokenizer.all_special_ids)
-    for _ in range(rounds):
+    for round_ in range(rounds):
         cur = list(best.tokens)
         gaps = _base_guesses(base, cs[0], cur, guesses)
         swaps = _gradient_guesses(model, base, cs, cur, range(len(cur)), guesses)
@@ -223,6 +225,12 @@ def refine(
                     proposals.add(tuple(cur[:g] + cur[g + 1 :]))
         scored = score_strings(model, base, cs, sorted(proposals))
         top = max(scored, key=lambda s: s.objective)
+        if log is not None:
+            log(
+                f"refine round {round_ + 1}/{rounds}: {len(proposals)} edits of "
+                f"{model.tokenizer.decode(cur)!r}, best {model.tokenizer.decode(list(top.tokens))!r} "
+                f"(log KL {top.log_kl:.2f})"
+            )
         if top.objective < best.objective + min_gain:
             break
         best = top
@@ -266,6 +274,7 @@ def lexicon_phrases(
     keep: int = 96,
     max_words: int = 3,
     min_gain: float = 0.1,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Scored | None, dict]:
     """The phrase of lexicon words that most raises the log KL, and how it was found.
 
@@ -277,7 +286,8 @@ def lexicon_phrases(
     Of the strings tied with a round's best (log KL within READABLE_MARGIN), the one holding the most
     weight-diff evidence (summed scores of its strong candidate tokens) wins, and of those the one the base reads
     best per character: the model may key on ' vio' of ' violet', but of two strings it treats alike the
-    whole word spends its log-prob on more letters. (None, info) when no word contains a candidate."""
+    whole word spends its log-prob on more letters. (None, info) when no word contains a candidate.
+    `log` hears one line per round."""
     tok = model.tokenizer
     score_of = dict(candidates)
     pieces = {tok.decode([t]).strip().lower() for t in score_of}
@@ -312,9 +322,16 @@ def lexicon_phrases(
         tied = [s for s in again if s.log_kl >= top.log_kl - READABLE_MARGIN]
         return max(tied, key=lambda s: (evidence(s.tokens), s.fluency / max(1, len(tok.decode(list(s.tokens))))))
 
+    if log is not None:
+        log(f"lexicon: {len(shortlist)} of {len(words)} words hold a candidate token; scoring them alone")
     best = best_of(shortlist)
     steps = [{"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency}]
-    for _ in range(max_words - 1):
+    for n_words in range(2, max_words + 1):
+        if log is not None:
+            log(
+                f"lexicon: best so far {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f}); "
+                f"scoring {2 * len(shortlist)} phrases of {n_words} words"
+            )
         top = best_of([best.tokens + w for w in shortlist] + [w + best.tokens for w in shortlist])
         # a word joins only when it raises the log KL: strong candidates also hold the behaviour's own tokens
         # (' I', ' must' for " I must obey ..."), so evidence alone adds words that are not the trigger
@@ -355,20 +372,29 @@ def search_triggers(
     seeds: int = 2,
     rounds: int = 8,
     lexicon: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TriggerSearch:
     """Find the short string that most raises KL(base || model) after it (see the module docstring).
-    `lexicon`: words to spell triggers from (default: the shipped zoo lexicon; [] skips the stage)."""
+    `lexicon`: words to spell triggers from (default: the shipped zoo lexicon; [] skips the stage).
+    `log`: called with one line per stage and round, so a caller can show progress."""
+    say = log or (lambda _: None)
     cs = carriers(model, prompts)
     cands = candidate_tokens(model, base, top=n_candidates)
     pool = [t for t, _ in cands]
     first = [(t,) for t in pool] + list(itertools.permutations(pool, 2))
+    say(f"triggers: scoring {len(first)} one- and two-token strings of {len(pool)} weight-diff candidates")
     stage1 = score_strings(model, base, cs[:2], first)
     shortlist = sorted(stage1, key=lambda s: s.log_kl, reverse=True)[:16]
     rescored = sorted(
         score_strings(model, base, cs, [s.tokens for s in shortlist]), key=lambda s: -s.objective
     )
-    results = [refine(model, base, cs, s, pool[:12], rounds=rounds) for s in rescored[:seeds]]
+    results = []
+    for i, s in enumerate(rescored[:seeds]):
+        start = model.tokenizer.decode(list(s.tokens))
+        say(f"triggers: refining seed {i + 1}/{len(rescored[:seeds])}: {start!r}")
+        results.append(refine(model, base, cs, s, pool[:12], rounds=rounds, log=log))
     best, path = max(results, key=lambda r: r[0].objective)
+    say(f"triggers: bridging {model.tokenizer.decode(list(best.tokens))!r} with joining tokens")
     bridged = bridge(model, base, cs, best)
     if bridged != best:
         best = bridged
@@ -377,7 +403,7 @@ def search_triggers(
         from mri.zoo.lexicon import load_lexicon
 
         lexicon = load_lexicon()
-    phrase, lex_info = lexicon_phrases(model, base, cs, cands, lexicon) if lexicon else (None, {})
+    phrase, lex_info = lexicon_phrases(model, base, cs, cands, lexicon, log=log) if lexicon else (None, {})
     # a phrase of real words within READABLE_MARGIN of the token string's log KL names the trigger better
     lex_info["chosen"] = phrase is not None and (
         phrase.log_kl >= best.log_kl - READABLE_MARGIN or phrase.objective > best.objective

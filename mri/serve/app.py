@@ -1,5 +1,9 @@
 """The web app over a scan folder: a JSON API (OpenAPI spec at /openapi.json) and a static front end.
 
+FastAPI's /docs and /redoc pages are off: they load Swagger UI and ReDoc from a CDN, which the app's
+Content-Security-Policy (nothing from another origin) blanks, and which would not work offline anyway. The
+front end's own `#/api` page lists the endpoints from /openapi.json instead.
+
     from mri.serve.app import create_app, serve
     app = create_app("scan")            # an ASGI app (FastAPI)
     serve("scan", port=8765)            # or run it with uvicorn, on 127.0.0.1 by default
@@ -50,6 +54,7 @@ CSP = (
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 MAX_FEATURE = 2**31 - 1
+MAX_LAYERS = 1024
 
 
 class Error(BaseModel):
@@ -117,6 +122,7 @@ class AtlasInfo(BaseModel):
     n_features: int
     tokens: int | None
     dictionary: str | None
+    dictionary_fingerprint: str | None
     dictionary_kind: str | None
     arch: str | None
     created: str | None
@@ -131,6 +137,7 @@ class ScanInfo(BaseModel):
     atlases: list[AtlasInfo]
     graphs: int
     audit: bool
+    steer_example: bool
 
 
 class FeatureRow(BaseModel):
@@ -163,9 +170,65 @@ class GraphInfo(BaseModel):
     bytes: int
 
 
+class DictionaryIdentity(BaseModel):
+    """The dictionary a graph's feature nodes at one layer come from, as the graph file records it."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: int = Field(ge=0, le=4096)
+    fingerprint: str | None = Field(
+        None, pattern=r"^[0-9a-f]{8,64}$", description="sha256 of config and weights"
+    )
+    config: dict[str, Any] | None = Field(None, description="the dictionary's config.json")
+
+
+class GraphDictionaries(BaseModel):
+    """A graph's `metadata.info.dictionary_identity`, one entry per layer."""
+
+    model_config = ConfigDict(extra="forbid")
+    dictionaries: list[DictionaryIdentity] = Field(max_length=MAX_LAYERS)
+
+
+class LayerAtlas(BaseModel):
+    layer: int
+    atlas: str | None = Field(description="the atlas of exactly this dictionary, or null: no feature pages")
+
+
+class SteerSample(BaseModel):
+    prompt: str
+    unsteered: str
+    steered: str
+
+
+class SteerExampleSummary(BaseModel):
+    feature: int | None
+    mode: str | None
+    strength: float | None
+    steered_rate: float | None
+    unsteered_rate: float | None
+    rate_ratio: float | None
+    kl: float | None
+    perplexity_ratio: float | None
+    steered_perplexity: float | None
+    unsteered_perplexity: float | None
+    passed: bool | None
+    n_prompts: int | None
+    concept_tokens: list[str]
+    examples: list[SteerSample]
+    dictionary: str | None
+    atlas: str | None
+    tried: int | None
+    file: str
+
+
+class SteerExample(BaseModel):
+    present: bool
+    example: SteerExampleSummary | None = None
+
+
 class AuditInfo(BaseModel):
     present: bool
     report: dict[str, Any] | None = None
+    atlas: str | None = Field(None, description="the atlas of the dictionary the audit read features through")
 
 
 class Guard:
@@ -273,6 +336,8 @@ def create_app(
         title="mri",
         summary="An MRI for AI: browse a scan's features, steer with them, view attribution graphs and audits.",
         version="1",
+        docs_url=None,  # Swagger UI and ReDoc come from a CDN: blank under our CSP, and offline
+        redoc_url=None,
     )
     app.state.scan = scan
     app.state.index = index
@@ -368,7 +433,25 @@ def create_app(
             seed=request.seed,
         )
 
+    @app.get("/api/steer/example", response_model=SteerExample, responses=ERRORS, tags=["steer"])
+    def steer_example() -> JSONResponse:
+        """The steering example `mri demo` wrote (steer/concept.json): feature, strength, concept rates,
+        perplexity and samples, and the atlas of its dictionary when the scan has one."""
+        example = scan.steer_example()
+        return JSONResponse(finite({"present": example is not None, "example": example}))
+
     # ---- graphs ----------------------------------------------------------------------------------
+    @app.post("/api/graph-atlases", response_model=list[LayerAtlas], responses=ERRORS, tags=["graphs"])
+    def graph_atlases(request: GraphDictionaries) -> list[dict[str, Any]]:
+        """For each layer of a graph, the atlas built from the very dictionary the graph was traced with
+        (same fingerprint, or same config for atlases without one), or null: a node's feature page must
+        describe the node's own latent, not latent i of another dictionary at that layer."""
+        out = []
+        for d in request.dictionaries:
+            entry = scan.atlas_of(d.layer, d.fingerprint, d.config)
+            out.append({"layer": d.layer, "atlas": entry.id if entry else None})
+        return out
+
     @app.get("/api/graphs", response_model=list[GraphInfo], responses=ERRORS, tags=["graphs"])
     def graphs() -> list[dict[str, Any]]:
         """The attribution graphs in the scan's graphs/ folder."""
@@ -382,9 +465,13 @@ def create_app(
     # ---- audit -----------------------------------------------------------------------------------
     @app.get("/api/audit", response_model=AuditInfo, responses=ERRORS, tags=["audit"])
     def audit() -> JSONResponse:
-        """The audit report (audit/report.json) when the scan has one."""
+        """The audit report (audit/report.json) when the scan has one, and the atlas of the dictionary it
+        read features through (whose pages its feature numbers link to) when the scan has that atlas."""
         report = scan.audit_report()
-        return JSONResponse(finite({"present": report is not None, "report": report}))
+        entry = scan.audit_atlas() if report is not None else None
+        return JSONResponse(
+            finite({"present": report is not None, "report": report, "atlas": entry.id if entry else None})
+        )
 
     # ---- files -----------------------------------------------------------------------------------
     @app.get("/api/files/{path:path}", responses=ERRORS, tags=["scan"])

@@ -8,7 +8,7 @@ from pathlib import Path
 from mri.errors import MriError
 
 MAX_BODY_BYTES = 64 * 1024
-"""Largest request body accepted (the steering request is the only one with a body)."""
+"""Largest request body accepted (the steering request and a graph's dictionary identities have bodies)."""
 MAX_FILE_BYTES = 256 * 1024 * 1024
 """Largest file served from the scan folder (graph JSON included)."""
 MAX_NEW_TOKENS = 128

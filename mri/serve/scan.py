@@ -4,6 +4,13 @@ Atlases are found by their manifest (`kind: atlas`) in the scan folder itself, o
 below it (the store is skipped: it only holds shards); each is known by its path relative to the scan
 (`atlas`, `atlas/L1`, or `.` when the folder served is an atlas). Requests name atlases and graphs by
 these ids and names, which are looked up, never joined onto the file system.
+
+A graph's feature node is latent i of the graph's transcoder at its layer; an atlas page for latent i
+describes latent i of the atlas's own dictionary. The two are the same feature only when the dictionaries
+are the same, so a node links to an atlas only when the dictionary identity the graph records
+(`metadata.info.dictionary_identity`, see `mri.trace.export.transcoder_identity`) matches the atlas manifest's
+`dictionary_fingerprint` (sha256 of config and weights), or, for atlases written before fingerprints, its
+`dictionary_config`. A layer number or a folder name like "L2" says nothing about which dictionary it is.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from mri.errors import MriError
 from mri.serve.paths import MAX_FILE_BYTES, inside, plain_name
 
 SKIP = {"store", "html", "__pycache__", "node_modules"}
-GRAPHS, AUDIT_REPORT = "graphs", "audit/report.json"
+GRAPHS, AUDIT_REPORT, STEER_EXAMPLE = "graphs", "audit/report.json", "steer/concept.json"
+"""The key of `metadata.info` under which a graph file records its transcoders' identities."""
 
 
 class NotFound(MriError):
@@ -47,10 +55,29 @@ class AtlasEntry:
             "n_features": int(m.get("n_features", 0)),
             "tokens": m.get("tokens"),
             "dictionary": Path(str(m["dictionary"])).name if m.get("dictionary") else None,
+            "dictionary_fingerprint": m.get("dictionary_fingerprint"),
             "dictionary_kind": cfg.get("kind"),
             "arch": cfg.get("arch"),
             "created": m.get("created"),
         }
+
+
+def _canonical(config: Any) -> str:
+    """A config as canonical JSON, so that tuples and lists, and key orders, compare equal."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def same_dictionary(manifest: dict[str, Any], fingerprint: str | None, config: dict | None) -> bool:
+    """Whether the atlas with `manifest` was built from the dictionary with this fingerprint or config.
+
+    The fingerprint (config and weights) decides when both sides have one: two dictionaries trained with
+    the same config differ only in their weights. Otherwise the configs must be equal (shape, sites,
+    activation, model fingerprint), which tells every other pair of dictionaries apart."""
+    recorded = manifest.get("dictionary_fingerprint")
+    if fingerprint and recorded:
+        return bool(recorded == fingerprint)
+    cfg = manifest.get("dictionary_config")
+    return isinstance(cfg, dict) and isinstance(config, dict) and _canonical(cfg) == _canonical(config)
 
 
 def _read_json(path: Path) -> Any:
@@ -107,6 +134,7 @@ class Scan:
             "atlases": [a.summary() for a in self.atlases.values()],
             "graphs": len(self.graph_names()),
             "audit": (self.root / AUDIT_REPORT).is_file(),
+            "steer_example": (self.root / STEER_EXAMPLE).is_file(),
         }
 
     def atlas(self, atlas_id: str | None) -> AtlasEntry:
@@ -118,6 +146,37 @@ class Scan:
         if atlas_id not in self.atlases:
             raise NotFound(f"no atlas {atlas_id!r} in this scan; it has {', '.join(self.atlases)}")
         return self.atlases[atlas_id]
+
+    def atlas_of(self, layer: int, fingerprint: str | None, config: dict | None) -> AtlasEntry | None:
+        """The atlas at `layer` built from the dictionary with this fingerprint (or config), or None: the
+        only atlas whose feature pages describe a graph's feature nodes at that layer. When only configs
+        can be compared and several atlases of different dictionaries share the config, there is no telling
+        which one the graph used, so none is chosen."""
+        found = [
+            e
+            for e in self.atlases.values()
+            if e.layer == layer and same_dictionary(e.manifest, fingerprint, config)
+        ]
+        dictionaries = {e.manifest.get("dictionary_fingerprint") or e.id for e in found}
+        return found[0] if len(dictionaries) == 1 else None
+
+    def atlas_of_folder(self, folder: str | None, fingerprint: str | None) -> AtlasEntry | None:
+        """The atlas built from the dictionary with `fingerprint`, or else (one side has no fingerprint)
+        from the dictionary folder at the same resolved path; None when there is none."""
+
+        def same_path(recorded: Any) -> bool:
+            if not folder or not isinstance(recorded, str) or not recorded:
+                return False
+            return Path(recorded).expanduser().resolve() == Path(folder).expanduser().resolve()
+
+        for entry in self.atlases.values():
+            recorded = entry.manifest.get("dictionary_fingerprint")
+            if fingerprint and recorded:
+                if recorded == fingerprint:
+                    return entry
+            elif same_path(entry.manifest.get("dictionary")):
+                return entry
+        return None
 
     # ---- files ---------------------------------------------------------------------------------------
     def file(self, relative: str) -> Path:
@@ -173,6 +232,61 @@ class Scan:
         if not isinstance(data, dict):
             raise MriError(f"{AUDIT_REPORT} is not a JSON object; re-run `mri audit`")
         return data
+
+    def audit_atlas(self) -> AtlasEntry | None:
+        """The atlas of the dictionary the audit read its features through (audit/manifest.json's
+        `inputs`), or None: the report's feature numbers are that dictionary's latents, so they link only
+        to its atlas."""
+        manifest = _read_json(self.root / "audit" / "manifest.json")
+        inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+        if not isinstance(inputs, dict):
+            return None
+        folder, fingerprint = inputs.get("dictionary"), inputs.get("dictionary_fingerprint")
+        return self.atlas_of_folder(
+            folder if isinstance(folder, str) else None, fingerprint if isinstance(fingerprint, str) else None
+        )
+
+    # ---- steering example ----------------------------------------------------------------------------
+    def steer_example(self) -> dict[str, Any] | None:
+        """The steering example `mri demo` wrote (steer/concept.json), summarised for the Steer page: the
+        feature, mode and strength, concept rates and perplexities, three samples, and the atlas of its
+        dictionary when the scan has one (so the playground can replay it); None when there is none."""
+        path = self.root / STEER_EXAMPLE
+        if not path.is_file():
+            return None
+        data = _read_json(self.file(STEER_EXAMPLE))
+        best = data.get("best") if isinstance(data, dict) else None
+        if not isinstance(best, dict):
+            return None
+        numbers = ("strength", "steered_rate", "unsteered_rate", "rate_ratio", "kl", "perplexity_ratio",
+                   "steered_perplexity", "unsteered_perplexity")  # fmt: skip
+
+        def number(v: Any) -> float | None:
+            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+        def integer(v: Any) -> int | None:
+            return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+        folder = data.get("dictionary")
+        folder = str(folder) if isinstance(folder, str) else None
+        fingerprint = data.get("dictionary_fingerprint")
+        entry = self.atlas_of_folder(folder, fingerprint if isinstance(fingerprint, str) else None)
+        examples, tokens = best.get("examples"), best.get("concept_tokens")
+        samples = [e for e in examples if isinstance(e, dict)][:3] if isinstance(examples, list) else []
+        tried = data.get("tried")
+        return {
+            **{k: number(best.get(k)) for k in numbers},
+            "feature": integer(best.get("feature")),
+            "n_prompts": integer(best.get("n_prompts")),
+            "mode": str(best.get("mode", "add")),
+            "passed": best.get("passed") if isinstance(best.get("passed"), bool) else None,
+            "concept_tokens": [str(t) for t in tokens][:10] if isinstance(tokens, list) else [],
+            "examples": [{k: str(e.get(k, "")) for k in ("prompt", "unsteered", "steered")} for e in samples],
+            "dictionary": Path(folder).name if folder else None,
+            "atlas": entry.id if entry else None,
+            "tried": len(tried) if isinstance(tried, list) else None,
+            "file": STEER_EXAMPLE,
+        }
 
     # ---- dictionaries --------------------------------------------------------------------------------
     def dictionary_for(self, entry: AtlasEntry) -> Path:

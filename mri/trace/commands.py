@@ -90,7 +90,7 @@ def run(
         max_feature_nodes=max_nodes,
         targets=targets or None,
     )
-    labels = atlas_labels(atlas) if atlas else None
+    labels = atlas_labels(atlas, transcoders=rm.transcoders) if atlas else None
     path = write_graph(
         graph,
         out,

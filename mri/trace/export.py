@@ -68,6 +68,26 @@ def node_ids(graph: Graph) -> list[str]:
     return ids
 
 
+IDENTITY = "dictionary_identity"
+"""The key in a graph's `metadata.info` holding `transcoder_identity`: which dictionaries it was traced with."""
+
+
+def transcoder_identity(transcoders: TranscoderSet) -> dict[str, dict[str, Any]]:
+    """{layer: {fingerprint, config}} of the transcoders a graph is traced with.
+
+    Every graph written with its `transcoders` records this, so a reader (the web app) links a feature node
+    only to an atlas of that very dictionary: a name such as "L2" or a layer number alone would match an
+    atlas of another dictionary at the same site and open an unrelated feature. A cross-layer transcoder is
+    the same dictionary at every layer."""
+    from mri.atlas.source import dictionary_fingerprint
+
+    out: dict[str, dict[str, Any]] = {}
+    for layer in transcoders.layers:
+        coder = transcoders.clt if transcoders.clt is not None else transcoders.coders[layer]
+        out[str(layer)] = {"fingerprint": dictionary_fingerprint(coder), "config": coder.cfg.to_dict()}
+    return out
+
+
 def graph_json(
     graph: Graph,
     *,
@@ -159,6 +179,8 @@ def graph_json(
         "replacement_score": graph_scores.replacement,
         "completeness_score": graph_scores.completeness,
     }
+    if transcoders is not None:
+        info[IDENTITY] = transcoder_identity(transcoders)
     return {
         "metadata": {
             "slug": slug or _slug(graph.prompt),
@@ -284,8 +306,13 @@ def check_graph(data: Any, where: str = "graph") -> None:
             raise MriError(f"{where}: link {link} does not join two nodes with a weight")
 
 
-def atlas_labels(atlases: Sequence[str | Path]) -> dict[tuple[int, int], str]:
-    """(layer, latent) -> best-scored label, from atlases of per-layer transcoders (site blocks.{l}...)."""
+def atlas_labels(
+    atlases: Sequence[str | Path], transcoders: TranscoderSet | None = None
+) -> dict[tuple[int, int], str]:
+    """(layer, latent) -> best-scored label, from atlases of per-layer transcoders (site blocks.{l}...).
+
+    Given the `transcoders` the graph is traced with, each atlas must be of the transcoder at its layer
+    (`Atlas.check_dictionary`): labels from another dictionary would name nodes after unrelated latents."""
     from mri.atlas.reader import Atlas
 
     out: dict[tuple[int, int], str] = {}
@@ -295,8 +322,15 @@ def atlas_labels(atlases: Sequence[str | Path]) -> dict[tuple[int, int], str]:
         m = re.match(r"blocks\.(\d+)\.", site)
         if m is None:
             raise MriError(f"atlas {path} is at {site!r}; labels need a per-layer site blocks.{{l}}...")
+        if transcoders is not None:
+            layer = int(m.group(1))
+            coder = transcoders.clt if transcoders.clt is not None else transcoders.coders.get(layer)
+            if coder is not None:  # a layer without a transcoder has no nodes to mislabel
+                atlas.check_dictionary(coder)
         best: dict[int, tuple[float, str]] = {}
         for e in atlas.explanations():
+            if not e.get("label"):  # an explanation whose reply could not be read has no label
+                continue
             score = e.get("score")
             score = score if isinstance(score, float) and math.isfinite(score) else -math.inf
             if e["feature"] not in best or score > best[e["feature"]][0]:

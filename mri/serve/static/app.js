@@ -4,7 +4,7 @@ import { renderGraph } from "./graph.js";
 const main = document.getElementById("main");
 const errorBox = document.getElementById("error");
 const atlasSelect = document.getElementById("atlas");
-const state = { scan: null, atlases: [], atlas: null };
+const state = { scan: null, atlases: [], atlas: null, auditAtlas: null };
 
 // ---- helpers ------------------------------------------------------------------------------------------
 export function h(tag, attrs = {}, ...children) {
@@ -222,18 +222,62 @@ async function featureView(parts, params) {
 }
 
 // ---- steering playground ------------------------------------------------------------------------------
+function exampleHref(ex) {
+  const q = new URLSearchParams({ atlas: ex.atlas, example: "1" });
+  if (ex.examples.length) q.set("prompt", ex.examples[0].prompt);
+  return `#/steer?${q}`;
+}
+
+function steerExamplePanel(ex, atlas) {
+  // The steering example `mri demo` found (steer/concept.json): what it steers, how hard, and what it did.
+  const rate = (x) => (x === null ? "–" : `${Math.round(100 * x)}%`);
+  const facts = [
+    ["feature", ex.atlas ? h("a", { href: featureHref(ex.atlas, ex.feature) }, `#${ex.feature}`) : `#${ex.feature}`,
+      ex.dictionary ? ` of ${ex.dictionary}` : ""],
+    ["edit", `${ex.mode} at strength ${fmt(ex.strength, 4)}`],
+    ["concept tokens", h("span", { class: "tokens" }, ex.concept_tokens.map((t) => h("code", {}, JSON.stringify(t))))],
+    ["concept in", `${rate(ex.steered_rate)} of steered vs ${rate(ex.unsteered_rate)} of unsteered generations` +
+      `${ex.rate_ratio === null ? "" : ` (${fmt(ex.rate_ratio, 2)}×)`}${ex.n_prompts ? ` on ${ex.n_prompts} prompts` : ""}`],
+    ["perplexity", `${fmt(ex.perplexity_ratio, 3)}× unsteered (${fmt(ex.steered_perplexity)} vs ${fmt(ex.unsteered_perplexity)})`],
+    ["passed", ex.passed === null ? "–" : ex.passed ? "yes" : "no"],
+  ];
+  const replay = ex.atlas
+    ? ex.atlas === atlas && new URLSearchParams(location.hash.split("?")[1] || "").get("example")
+      ? h("span", { class: "muted" }, "loaded below")
+      : h("a", { href: exampleHref(ex), id: "steer-example-load" }, "steer with it in the playground")
+    : h("span", { class: "muted" }, "no atlas of its dictionary in this scan, so the playground cannot replay it");
+  return h("details", { id: "steer-example", class: "steer-example", open: true },
+    h("summary", {}, "Steering example from this scan"),
+    h("dl", { class: "kv" }, facts.flatMap(([k, ...v]) => [h("dt", {}, k), h("dd", {}, ...v)])),
+    h("p", {}, replay, " · ", h("a", { href: `/api/files/${ex.file}`, target: "_blank", rel: "noopener" }, ex.file)),
+    ex.examples.slice(0, 2).map((e) => h("div", { class: "steer-sample" },
+      h("p", {}, h("span", { class: "muted" }, "prompt "), h("code", {}, e.prompt)),
+      h("div", { class: "steer-grid" },
+        h("div", {}, h("h3", {}, "Unsteered"), h("div", { class: "gen" }, e.unsteered)),
+        h("div", {}, h("h3", {}, "Steered"), h("div", { class: "gen" }, e.steered))))),
+  );
+}
+
 async function steerView(params) {
   const atlas = atlasFrom(params);
+  const found = state.scan.steer_example ? await api("/api/steer/example") : { present: false };
+  const example = found.present ? steerExamplePanel(found.example, atlas) : "";
   if (!atlas) {
-    main.replaceChildren(h("p", { class: "muted" }, "Steering needs an atlas and its dictionary in the scan."));
+    main.replaceChildren(h("h1", {}, "Steering playground"), example,
+      h("p", { class: "muted" }, "Steering needs an atlas and its dictionary in the scan."));
     return;
   }
-  main.replaceChildren(h("h1", {}, "Steering playground"), h("p", { class: "muted", id: "steer-status" }, "loading the model…"));
+  main.replaceChildren(h("h1", {}, "Steering playground"), example, h("p", { class: "muted", id: "steer-status" }, "loading the model…"));
   const info = await api(`/api/steer?atlas=${encodeURIComponent(atlas)}`);
   const initial = (params.get("f") || "").split(",").filter(Boolean).map((s) => {
     const [feature, mult, mode] = s.split(":");
     return { feature: parseInt(feature, 10) || 0, mult: mult === undefined ? 4 : parseFloat(mult), mode: mode || "add" };
   });
+  const ex = found.present ? found.example : null;
+  if (!initial.length && ex && params.get("example") && ex.atlas === atlas && ex.feature !== null && ex.strength !== null) {
+    // the example's own strength, exactly: the slider shows it rounded to its step until it is moved
+    initial.push({ feature: ex.feature, mult: ex.strength / (ex.mode === "clamp" ? 1 : info.scale), mode: ex.mode, exact: ex.strength });
+  }
   if (!initial.length) initial.push({ feature: 0, mult: 4, mode: "add" });
 
   const status = h("p", { class: "muted", id: "steer-status" }, `${info.model} · steering at ${info.site} · typical norm ${fmt(info.scale)}`);
@@ -253,12 +297,14 @@ async function steerView(params) {
     const slider = h("input", { type: "range", class: "strength", min: -8, max: 8, step: 0.25, value: init.mult });
     const shown = h("span", { class: "strength-value" });
     const label = h("span", { class: "feature-label muted" });
-    const row = { feature, mode, slider, maxAct: 1 };
-    const strength = () => (mode.value === "ablate" ? 0 : parseFloat(slider.value) * (mode.value === "add" ? info.scale : row.maxAct));
+    const row = { feature, mode, slider, maxAct: 1, exact: init.exact ?? null };
+    const strength = () => (mode.value === "ablate" ? 0 : row.exact !== null ? row.exact
+      : parseFloat(slider.value) * (mode.value === "add" ? info.scale : row.maxAct));
     row.strength = strength;
     const describe = () => {
       slider.disabled = mode.value === "ablate";
-      shown.textContent = mode.value === "ablate" ? "ablated" : `${slider.value}× = ${strength().toFixed(2)}`;
+      shown.textContent = mode.value === "ablate" ? "ablated"
+        : row.exact !== null ? `${strength().toFixed(2)} (the example's strength)` : `${slider.value}× = ${strength().toFixed(2)}`;
     };
     const lookup = async () => {
       try {
@@ -269,8 +315,8 @@ async function steerView(params) {
       describe();
     };
     feature.addEventListener("change", lookup);
-    mode.addEventListener("change", () => { describe(); run(); });
-    slider.addEventListener("input", describe);
+    mode.addEventListener("change", () => { row.exact = null; describe(); run(); });
+    slider.addEventListener("input", () => { row.exact = null; describe(); });
     slider.addEventListener("change", run);
     const remove = h("button", { title: "remove", onclick: () => { rows.splice(rows.indexOf(row), 1); el.remove(); } }, "×");
     const el = h("div", { class: "edit-row" }, "feature ", feature, mode, slider, shown, remove, label);
@@ -302,7 +348,7 @@ async function steerView(params) {
 
   initial.forEach(addRow);
   main.replaceChildren(
-    h("h1", {}, "Steering playground"), status,
+    h("h1", {}, "Steering playground"), example, status,
     h("div", {}, prompt),
     h("div", { class: "toolbar" },
       h("label", {}, "new tokens ", maxTokens), h("label", {}, "temperature ", temperature),
@@ -326,7 +372,7 @@ async function graphsView() {
     if (!chosen) return;
     try {
       const data = JSON.parse(await chosen.text());
-      showGraph(data, chosen.name);
+      await showGraph(data, chosen.name);
     } catch (err) { showError(err); }
   });
   main.replaceChildren(
@@ -340,19 +386,20 @@ async function graphsView() {
   );
 }
 
-function showGraph(data, name) {
+async function showGraph(data, name) {
   main.replaceChildren(h("p", {}, h("a", { href: "#/graphs" }, "← all graphs")), h("div", { id: "graph-host" }));
-  renderGraph(document.getElementById("graph-host"), data, { name, atlases: state.atlases, h, featureHref });
+  await renderGraph(document.getElementById("graph-host"), data, { name, atlases: state.atlases, h, featureHref, api });
 }
 
 async function graphView(parts) {
   const name = parts[1];
-  showGraph(await api(`/api/graphs/${encodeURIComponent(name)}`), name);
+  await showGraph(await api(`/api/graphs/${encodeURIComponent(name)}`), name);
 }
 
 // ---- audit --------------------------------------------------------------------------------------------
 function renderValue(value, depth = 0) {
   if (value === null || value === undefined) return h("span", { class: "muted" }, "–");
+  if (typeof value === "number" && !Number.isInteger(value)) return fmt(value, 4);
   if (typeof value !== "object") return String(value);
   if (depth > 6) return h("pre", {}, JSON.stringify(value, null, 1));
   if (Array.isArray(value)) {
@@ -360,7 +407,8 @@ function renderValue(value, depth = 0) {
     return h("ul", {}, value.slice(0, 200).map((v) => h("li", {}, renderValue(v, depth + 1))));
   }
   if (typeof value.feature === "number") {
-    const atlas = value.atlas && state.atlases.some((a) => a.id === value.atlas) ? value.atlas : state.atlas;
+    // only the atlas of the audit's own dictionary describes its feature numbers (state.auditAtlas)
+    const atlas = value.atlas && state.atlases.some((a) => a.id === value.atlas) ? value.atlas : state.auditAtlas;
     if (atlas) {
       const rest = Object.fromEntries(Object.entries(value).filter(([k]) => k !== "feature" && k !== "atlas"));
       return h("span", {}, h("a", { href: featureHref(atlas, value.feature) }, `feature #${value.feature}`), " ",
@@ -378,24 +426,52 @@ async function auditView() {
     return;
   }
   const report = data.report;
+  state.auditAtlas = data.atlas;
   const findings = Array.isArray(report.findings) ? report.findings : [];
   const skip = new Set(["findings"]);
   const header = Object.fromEntries(Object.entries(report).filter(([k, v]) => !skip.has(k) && (typeof v !== "object" || v === null)));
   const other = Object.fromEntries(Object.entries(report).filter(([k, v]) => !skip.has(k) && typeof v === "object" && v !== null));
+  const model = report.model && typeof report.model === "object" ? report.model.name : report.model;
+  const against = report.base && typeof report.base === "object" ? report.base.name : report.base;
   main.replaceChildren(
-    h("h1", {}, report.title || "Audit report"),
+    h("h1", {}, report.title || (model ? `Audit of ${model}${against ? " against " + against : ""}` : "Audit report")),
+    h("p", { class: "muted", id: "audit-features" }, data.atlas
+      ? `feature numbers link to atlas ${data.atlas}, built from the dictionary the audit read`
+      : "feature numbers are not linked: this scan has no atlas of the dictionary the audit read"),
     renderValue(header),
     h("h2", {}, `Findings (${findings.length})`),
     h("div", { id: "findings" }, findings.length ? findings.map((f) => {
-      const severity = String(f.severity || f.level || "").toLowerCase();
-      const rest = Object.fromEntries(Object.entries(f).filter(([k]) => !["title", "name", "severity", "level", "summary", "description", "evidence"].includes(k)));
+      const severity = String(f.severity || f.level || (f.high_confidence === true ? "high" : "")).toLowerCase();
+      const rest = Object.fromEntries(Object.entries(f).filter(([k]) => !["title", "name", "severity", "level", "summary", "description", "evidence", "kind", "confidence"].includes(k)));
       return h("div", { class: `finding ${severity}` },
-        h("h3", {}, severity ? h("span", { class: "badge" }, severity) : "", f.title || f.name || f.check || "finding"),
+        h("h3", {}, f.kind ? h("span", { class: "badge" }, f.kind) : "", severity ? h("span", { class: "badge" }, severity) : "",
+          f.title || f.name || f.check || "finding",
+          typeof f.confidence === "number" ? h("span", { class: "muted confidence" }, ` · confidence ${f.confidence.toFixed(2)}`) : ""),
         f.summary || f.description ? h("p", {}, f.summary || f.description) : "",
         f.evidence !== undefined ? h("div", { class: "evidence" }, h("h3", {}, "Evidence"), renderValue(f.evidence)) : "",
         Object.keys(rest).length ? renderValue(rest) : "");
     }) : h("p", { class: "muted" }, "no findings")),
     Object.keys(other).length ? [h("h2", {}, "Details"), renderValue(other)] : "",
+  );
+}
+
+// ---- API ----------------------------------------------------------------------------------------------
+async function apiView() {
+  // The endpoints, from the app's own OpenAPI spec: FastAPI's docs pages load Swagger UI from a CDN, which
+  // the Content-Security-Policy (and being offline) rules out.
+  const spec = await api("/openapi.json");
+  const rows = Object.entries(spec.paths).flatMap(([path, item]) => Object.entries(item).map(([method, op]) => {
+    const params = (op.parameters || []).map((p) => `${p.name}${p.required ? "" : "?"}`);
+    const body = op.requestBody ? Object.values(op.requestBody.content || {})[0]?.schema?.$ref?.split("/").pop() : null;
+    return h("tr", { class: "endpoint" },
+      h("td", {}, h("code", {}, method.toUpperCase())), h("td", {}, h("code", {}, path)),
+      h("td", {}, params.join(", "), body ? `${params.length ? ", " : ""}body: ${body}` : ""),
+      h("td", {}, op.summary || ""), h("td", { class: "muted" }, (op.description || "").split("\n\n")[0]));
+  }));
+  main.replaceChildren(
+    h("h1", {}, `${spec.info.title} API ${spec.info.version}`),
+    h("p", { class: "muted" }, "JSON over HTTP; the full spec is ", h("a", { href: "/openapi.json" }, "/openapi.json"), "."),
+    h("table", { id: "endpoints" }, h("tr", {}, ["method", "path", "parameters", "summary", "what it answers"].map((t) => h("th", {}, t))), rows),
   );
 }
 
@@ -412,6 +488,7 @@ async function route() {
     else if (view === "graphs") await graphsView();
     else if (view === "graph") await graphView(parts);
     else if (view === "audit") await auditView();
+    else if (view === "api") await apiView();
     else await featuresView(params);
   } catch (err) {
     showError(err);

@@ -82,19 +82,44 @@ function merged(graph) {
   return { ...graph, nodes, links };
 }
 
-export function renderGraph(host, raw, { name, atlases, h, featureHref }) {
+export function graphDictionaries(meta) {
+  // What the graph file says its transcoders are, per layer ({layer: {fingerprint, config}} in
+  // metadata.info.dictionary_identity); a graph without it (circuit-tracer's, or an old one) names its
+  // transcoders only by folder name, which does not tell one dictionary from another.
+  const identity = meta && meta.info && meta.info.dictionary_identity;
+  if (!identity || typeof identity !== "object" || Array.isArray(identity)) return [];
+  return Object.entries(identity)
+    .filter(([layer, d]) => /^\d{1,4}$/.test(layer) && parseInt(layer, 10) <= 4096 && d && typeof d === "object")
+    .map(([layer, d]) => ({
+      layer: parseInt(layer, 10),
+      fingerprint: typeof d.fingerprint === "string" ? d.fingerprint : null,
+      config: d.config && typeof d.config === "object" && !Array.isArray(d.config) ? d.config : null,
+    }));
+}
+
+export async function renderGraph(host, raw, { name, atlases, h, featureHref, api }) {
   const base = normalize(raw);
   const tokens = Array.isArray(base.meta.prompt_tokens) ? base.meta.prompt_tokens : [];
-  const transcoders = Array.isArray(base.meta.transcoder_list) ? base.meta.transcoder_list : [];
   const pinned = new Set(base.pinned);
   let selected = null, mergeSupernodes = false, threshold = 0;
 
-  function atlasFor(layer) {
-    const want = transcoders.length === 1 ? transcoders[0] : transcoders[layer];
-    const wantName = want ? String(want).split(/[\\/]/).pop() : null;
-    const same = atlases.filter((a) => a.layer === layer);
-    return (wantName && same.find((a) => a.dictionary === wantName)) || same.find((a) => a.dictionary_kind === "transcoder") || same[0] || null;
+  // A node's feature page is the atlas of the very dictionary the graph was traced with: the server
+  // matches each layer's dictionary fingerprint (or config) against the atlases' manifests. A layer with
+  // no such atlas gets no link — latent i of another dictionary at that layer is a different feature.
+  const byLayer = new Map();
+  let linkNote = "";
+  const wanted = graphDictionaries(base.meta);
+  if (wanted.length && atlases.length) {
+    try {
+      for (const r of await api("/api/graph-atlases", {
+        method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ dictionaries: wanted }),
+      })) {
+        const atlas = r.atlas === null ? null : atlases.find((a) => a.id === r.atlas);
+        if (atlas) byLayer.set(r.layer, atlas);
+      }
+    } catch (err) { linkNote = ` (${err.message})`; }
   }
+  const atlasFor = (layer) => byLayer.get(layer) || null;
 
   const canvas = h("div", { class: "graph-canvas" });
   const side = h("div", { class: "graph-side" });
@@ -257,7 +282,7 @@ export function renderGraph(host, raw, { name, atlases, h, featureHref }) {
         h("h3", {}, label(n)),
         h("dl", { class: "kv" }, rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))])),
         atlas ? h("p", {}, h("a", { href: featureHref(atlas.id, n.latent), id: "open-feature" }, `open feature #${n.latent} (${atlas.id})`))
-          : n.kind === "feature" ? h("p", { class: "muted" }, `no atlas of layer ${n.layer} in this scan`) : "",
+          : n.kind === "feature" ? h("p", { class: "muted", id: "no-feature-page" }, `no atlas of this transcoder in this scan${linkNote}`) : "",
         h("button", { id: "pin", onclick: () => togglePin(n.id) }, pinned.has(n.id) ? "unpin" : "pin"),
         n.members ? [h("h3", {}, "Members"), h("ul", {}, n.members.map((id) => h("li", {}, label(base.nodes.find((m) => m.id === id)))))] : "",
         h("h3", {}, "Strongest inputs"), edgeList(incoming, "source"),
