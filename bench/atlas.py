@@ -218,13 +218,9 @@ def main() -> None:
         args.tokens = args.tokens[0]
         print(json.dumps(child(args)))
         return
-    body = run(args)
-    print(body)
-    if not args.no_write:
-        from record import RESULTS, write_section
+    from record import publish
 
-        write_section(body, SECTION, "bench/atlas.py")
-        print(f"\nwrote the {SECTION!r} section of {RESULTS}", file=sys.stderr)
+    publish(run(args), SECTION, "bench/atlas.py", write=not args.no_write)
 
 
 if __name__ == "__main__":

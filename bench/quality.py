@@ -627,11 +627,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     _bench_module("train").ensure_peer_venv()
-    body = run(args)
-    print(body)
-    if not args.no_write:
-        _bench_module("record").write_section(body, SECTION, "bench/quality.py")
-        print(f"\nwrote the {SECTION!r} section of bench/RESULTS.md", file=sys.stderr)
+    _bench_module("record").publish(run(args), SECTION, "bench/quality.py", write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -373,7 +373,19 @@ def write_section(
         lines[start:end] = section
     else:
         lines += ["", *section]
-    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    # written beside, then renamed into place: an interrupted write leaves RESULTS.md whole
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines).rstrip("\n") + "\n")
+    tmp.replace(path)
+
+
+def publish(body: str, heading: str, script: str, *, write: bool = True) -> None:
+    """Print a bench's report and, unless `write` is false (`--no-write`), make it the `heading` section of
+    RESULTS.md: the common end of every bench script's `main`."""
+    print(body)
+    if write:
+        write_section(body, heading, script)
+        print(f"\nwrote the {heading!r} section of {RESULTS}", file=sys.stderr)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

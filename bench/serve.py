@@ -154,13 +154,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main() -> None:
     args = parse_args(sys.argv[1:])
     sys.path.insert(0, str(REPO / "bench"))
-    body = run(args)
-    print(body)
-    if not args.no_write:
-        from record import RESULTS, write_section
+    from record import publish
 
-        write_section(body, SECTION, "bench/serve.py")
-        print(f"\nwrote the {SECTION!r} section of {RESULTS}", file=sys.stderr)
+    publish(run(args), SECTION, "bench/serve.py", write=not args.no_write)
 
 
 if __name__ == "__main__":
