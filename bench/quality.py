@@ -8,9 +8,10 @@ the same activations with the same token budget, both measured by the same code.
    out of both, as `ActivationStore.batches` does. The training rows are shuffled once (seed 0) into
    runs/quality/data/train.npy: every run of either library reads the same batches from it, in the same order.
 2. Training, each dictionary in a fresh subprocess, `torch.set_num_threads(--threads)`:
-   - mri: `Trainer` (what `mri dict train` runs) with its default recipe: LR 2e-4 / sqrt(latents / 16384) with
-     warm-up and linear decay, inputs scaled to E||x||^2 = d, b_dec at the geometric median, sparsity-coefficient
-     warm-up, AuxK for topk/batchtopk; saved in mri's format.
+   - mri: `Trainer` (what `mri dict train` runs) with its default recipe: LR 5e-4 / sqrt(latents / 16384) with
+     warm-up and linear decay, encoder rows initialised at norm 0.1, inputs scaled to E||x||^2 = d, b_dec at the
+     geometric median, sparsity-coefficient warm-up, AuxK for topk/batchtopk, JumpReLU log-thresholds at 30x the
+     LR; saved in mri's format. mri's runs are retrained whenever mri/dictionaries' source changes.
    - SAELens (sae-lens 6, in bench/.venvs/sae-peers): `TopKTrainingSAE`, `BatchTopKTrainingSAE`,
      `JumpReLUTrainingSAE`, `StandardTrainingSAE` with their config defaults, trained by its `SAETrainer.fit`
      (the loop `LanguageModelSAETrainingRunner` runs: constant LR 3e-4, grad-norm clipping, its dead-feature
@@ -55,14 +56,15 @@ LIBS = ("mri", "saelens")
 # The sparsity sweeps. topk/batchtopk: k. jumprelu: the L0 coefficient (mri: on L0 / d next to the FVU;
 # SAELens: on L0 next to the summed squared error of raw activations). relu: the L1 coefficient (mri: on the
 # decoder-norm-weighted L1 / d of normalised activations next to the FVU; SAELens: on the decoder-norm-
-# weighted L1 of raw activations next to the summed squared error). relu's sweeps give overlapping L0s (about
-# 115 to 400 in both); jumprelu's L0 barely follows its coefficient in either library at 500 steps (mri's
-# log-threshold moves at most ~20% under Adam, SAELens's threshold ~0.15 from 0.01), so no sweep overlaps.
+# weighted L1 of raw activations next to the summed squared error). The sweeps are chosen so that L0s overlap
+# where the recipes let them. SAELens's JumpReLU threshold (trained directly, at the LR) moves at most ~0.15 from
+# its 0.01 start in 500 steps, so its L0 stays near the latent count whatever the coefficient; mri's jumprelu is
+# then compared with SAELens's best architecture at its L0 (`compare_best`).
 DEFAULT_SWEEPS = {
     "topk": {"mri": [16, 32, 64], "saelens": [16, 32, 64]},
     "batchtopk": {"mri": [16, 32, 64], "saelens": [16, 32, 64]},
-    "jumprelu": {"mri": [0.25, 0.5, 1.0], "saelens": [1.5, 3.0, 6.0]},
-    "relu": {"mri": [2.0, 5.0, 10.0], "saelens": [4.0, 10.0, 20.0]},
+    "jumprelu": {"mri": [0.5, 1.0, 2.0], "saelens": [1.5, 3.0, 6.0]},
+    "relu": {"mri": [1.0, 2.0, 5.0], "saelens": [4.0, 10.0, 20.0]},
 }
 PEER_VERSION_CODE = (
     "from importlib.metadata import version as v\n"
@@ -251,7 +253,9 @@ def worker_saelens(args: argparse.Namespace) -> dict:
     elif args.arch == "batchtopk":
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=knob, **common))
     elif args.arch == "jumprelu":
-        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(l0_coefficient=knob, **common))
+        # the knob is the initial threshold (raw units), the L0 coefficient its default: the threshold, trained
+        # directly at the LR, moves at most ~0.15 in 500 steps, so its start sets where the L0 can go
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_init_threshold=knob, **common))
     else:
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=knob, **common))
     lr = 3e-4  # LanguageModelSAERunnerConfig's default, with its lr_end default lr / 10 (unused: constant LR)
@@ -409,6 +413,33 @@ def compare(arch: str, rows: dict[str, list[dict]]) -> list[str]:
     return [f"- {arch} (log-L0 interpolation): " + "; ".join(out) + tail]
 
 
+def compare_best(results: dict[str, dict[str, list[dict]]]) -> list[str]:
+    """Each mri dictionary against SAELens's best at its L0, over every SAELens architecture whose sweep spans
+    that L0 (log-L0 interpolation; topk's points sit at L0 = k): a comparison that exists even where the same
+    architecture's L0s do not overlap."""
+    curves = {}
+    for arch, by_lib in results.items():
+        pts = [(r["metrics"]["l0"], r["metrics"]["fvu"]) for r in by_lib.get("saelens", []) if "metrics" in r]
+        if pts:
+            curves[arch] = pts
+    out = []
+    for arch, by_lib in results.items():
+        for r in by_lib.get("mri", []):
+            if "metrics" not in r:
+                continue
+            m = r["metrics"]
+            found = [(f, a) for a, pts in curves.items() if (f := interpolate(pts, m["l0"])) is not None]
+            if found:
+                f_sl, a_sl = min(found)
+                out.append(
+                    f"{arch} {r['param']:g} at L0 {m['l0']:.1f}: {m['fvu']:.4f} vs {f_sl:.4f} (SAELens {a_sl}; "
+                    f"{_verdict(m['fvu'], f_sl)})"
+                )
+            else:
+                out.append(f"{arch} {r['param']:g} at L0 {m['l0']:.1f}: no SAELens sweep spans it")
+    return ["- mri vs SAELens's best architecture at the same L0, FVU: " + "; ".join(out)] if out else []
+
+
 def _verdict(f_mri: float, f_sl: float) -> str:
     if f_mri <= f_sl:
         return f"mri better by {(f_sl - f_mri) / f_sl:.1%}" if f_sl > 0 else "equal"
@@ -424,9 +455,19 @@ def run_spec(lib: str, arch: str, param: float, args: argparse.Namespace, info: 
         "latents": args.latents,
         "batch": args.batch,
         "data": info["id"],
-        "version": peer if lib == "saelens" else _version("mri"),
+        "version": peer if lib == "saelens" else f"{_version('mri')} {_mri_source()}",
         "ce_contexts": args.ce_contexts,
     }
+
+
+def _mri_source() -> str:
+    """sha256 prefix of mri/dictionaries' source but its CLI (commands.py): a change of recipe or training code
+    retrains mri's runs."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "mri" / "dictionaries").glob("*.py")):
+        if path.name != "commands.py":
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _version(dist: str) -> str:
@@ -554,6 +595,7 @@ def report(args, info, results, train_seconds, cost, wall, loads, peer, reused) 
     ]
     for arch, by_lib in results.items():
         lines += compare(arch, by_lib)
+    lines += compare_best(results)
     lines.append("")
     if ce_model is not None:
         lines.append(

@@ -308,3 +308,18 @@ def test_shard_latents_needs_torchrun_and_latents_that_split(tmp_path, store, mo
     with pytest.raises(MriError, match="not a jumprelu sae; train it data-parallel"):
         train(latents=48, arch="jumprelu", **common)
     assert not (tmp_path / "d").exists()
+
+
+def test_cli_recipe_options_reach_the_dictionary_and_its_manifest(tmp_path, store):
+    result = CliRunner().invoke(
+        dict_app,
+        [
+            "train", "--store", str(store), "--site", "L1.resid_post", "--arch", "jumprelu", "--latents", "64",
+            "--tokens", "1024", "--batch-size", "256", "--init-norm", "0.05", "--threshold-lr-scale", "10",
+            "--out", str(tmp_path / "jr"), "--quiet", "--device", "cpu",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert load(tmp_path / "jr").cfg.init_norm == 0.05
+    manifest = json.loads((tmp_path / "jr" / "manifest.json").read_text())
+    assert manifest["train_config"]["threshold_lr_scale"] == 10

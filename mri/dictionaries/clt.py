@@ -63,13 +63,15 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
-        """Random unit encoder rows; decoder rows of norm 1 / sqrt(number of layers they write)."""
+        """Random encoder rows of norm `init_norm`; each latent's decoder rows of norm 1 / sqrt(number of
+        layers they write), so 1 over all of them (`init_norm` for relu, as for an SAE)."""
         gen = torch.Generator().manual_seed(seed)
         enc = torch.randn(self.W_enc.shape, generator=gen)
-        self.W_enc.copy_(enc / enc.norm(dim=-1, keepdim=True))
+        self.W_enc.copy_(enc / enc.norm(dim=-1, keepdim=True) * self.cfg.init_norm)
+        scale = self.cfg.init_norm if self.cfg.arch == "relu" else 1.0
         for W in self.W_dec:
             dec = torch.randn(W.shape, generator=gen)
-            W.copy_(dec / dec.norm(dim=-1, keepdim=True) / math.sqrt(W.shape[0]))
+            W.copy_(dec / dec.norm(dim=-1, keepdim=True) / math.sqrt(W.shape[0]) * scale)
         self.b_enc.zero_()
         self.b_dec.zero_()
 

@@ -82,6 +82,12 @@ def train(
     skip: Annotated[
         bool, typer.Option("--skip/--no-skip", help="Transcoders: linear skip connection.")
     ] = False,
+    init_norm: Annotated[
+        float, typer.Option("--init-norm", help="Norm of the encoder rows at initialisation.")
+    ] = 0.1,
+    threshold_lr_scale: Annotated[
+        float, typer.Option("--threshold-lr-scale", help="JumpReLU: log-thresholds' LR over the LR.")
+    ] = 30.0,
     b_dec_init: Annotated[str, typer.Option("--b-dec-init", help="median | mean | zero.")] = "median",
     autocast: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast compute (GPU).")] = False,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length when streaming from --model.")] = 128,
@@ -142,6 +148,8 @@ def train(
             lr=lr,
             sparsity_coef=sparsity_coef,
             skip=skip,
+            init_norm=init_norm,
+            threshold_lr_scale=threshold_lr_scale,
             b_dec_init=b_dec_init,
             autocast=autocast,
             ctx=ctx,
@@ -172,6 +180,8 @@ def _train(
     sparsity_coef: float | None,
     skip: bool,
     b_dec_init: str,
+    init_norm: float = 0.1,
+    threshold_lr_scale: float = 30.0,
     autocast: bool,
     ctx: int,
     seed: int,
@@ -207,12 +217,13 @@ def _train(
         pairs = [(m.resolve_site(a), m.resolve_site(b)) for a, b in pairs]
         width = m.site_dim
         fingerprint = m.fingerprint()
-    cfgs = dict_configs(pairs, kind, arch, latents, k, skip, width, fingerprint)
+    cfgs = dict_configs(pairs, kind, arch, latents, k, skip, width, fingerprint, init_norm)
     tcfg = TrainConfig(
         tokens=tokens,
         batch_size=batch_size,
         lr=lr,
         sparsity_coef=sparsity_coef,
+        threshold_lr_scale=threshold_lr_scale,
         b_dec_init=b_dec_init,
         autocast=autocast,
         seed=seed,
@@ -302,6 +313,7 @@ def dict_configs(
     skip: bool,
     width: Any,
     fingerprint: str | None,
+    init_norm: float = 0.1,
 ) -> list[Any]:
     """The `DictConfig`s that `mri dict train` builds for (input, output) site `pairs` of widths `width`."""
     from mri.dictionaries import DictConfig
@@ -323,6 +335,7 @@ def dict_configs(
                 sites_in=[a for a, _ in group],
                 sites_out=[b for _, b in group],
                 skip=skip,
+                init_norm=init_norm,
                 model_fingerprint=fingerprint,
             )
         )

@@ -212,15 +212,18 @@ class SparseCoder(nn.Module):
     # ---- construction ------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
-        """Unit-norm random decoder rows; an SAE's encoder starts as its decoder's transpose."""
+        """Random decoder rows, of unit norm (of norm `init_norm` for relu, whose decoder norms are free);
+        encoder rows of norm `init_norm`, an SAE's along its decoder rows, a transcoder's random."""
         gen = torch.Generator().manual_seed(seed)
         dec = torch.randn(self.W_dec.shape, generator=gen)
-        self.W_dec.copy_(dec / dec.norm(dim=1, keepdim=True))
+        dec /= dec.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(dec if self.unit_norm else dec * self.cfg.init_norm)
         if self.cfg.kind == "sae":
-            self.W_enc.copy_(self.W_dec)
+            enc = dec
         else:
             enc = torch.randn(self.W_enc.shape, generator=gen)
-            self.W_enc.copy_(enc / enc.norm(dim=1, keepdim=True))
+            enc /= enc.norm(dim=1, keepdim=True)
+        self.W_enc.copy_(enc * self.cfg.init_norm)
         self.b_enc.zero_()
         self.b_dec.zero_()
 

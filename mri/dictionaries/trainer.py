@@ -119,9 +119,17 @@ class Trainer:
         self.device = torch.device(device)
         self.dicts = [d.to(self.device).train() for d in dictionaries]
         groups = []
+        self._names: list[tuple[Dictionary, str]] = []
+        """(dictionary, parameter name) of each parameter, in the optimizer's order."""
         for d in self.dicts:
             lr = cfg.learning_rate(d.cfg.n_latents)
-            groups.append({"params": list(d.parameters()), "lr": lr, "base_lr": lr})
+            named = list(d.named_parameters())
+            weights = [(n, p) for n, p in named if n != "log_threshold"]
+            thresholds = [(n, p) for n, p in named if n == "log_threshold"]
+            for part, group_lr in ((weights, lr), (thresholds, lr * cfg.threshold_lr_scale)):
+                if part:
+                    groups.append({"params": [p for _, p in part], "lr": group_lr, "base_lr": group_lr})
+                    self._names += [(d, n) for n, _ in part]
         self.optimizer = torch.optim.Adam(groups, betas=cfg.adam_betas, fused=True)
         self.step = 0
         self.scales: list[dict[str, float]] | None = None
@@ -389,7 +397,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------
     def _parameter_names(self) -> list[tuple[Dictionary, str]]:
         """(dictionary, parameter name) of each parameter, in the optimizer's order."""
-        return [(d, name) for d in self.dicts for name, _ in d.named_parameters()]
+        return self._names
 
     def _whole(self, d: Dictionary, name: str, t: torch.Tensor) -> torch.Tensor | None:
         """t, a tensor of dictionary d's `name` or its Adam state; when that is split over latent shards, its
