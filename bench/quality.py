@@ -18,8 +18,9 @@ the same activations with the same token budget, both measured by the same code.
      window) from an iterator over train.npy, then written by `save_inference_model` (what the runner writes:
      cfg.json + sae_weights.safetensors; BatchTopK becomes JumpReLU with its threshold).
    Same latents, token budget and batch size for both; only the sparsity knob differs (k for topk/batchtopk; the
-   L0 coefficient for jumprelu and the L1 coefficient for relu, whose scales differ between the libraries, so
-   each gets its own sweep, chosen so that the L0s overlap where the recipes let them: see DEFAULT_SWEEPS).
+   L0 coefficient for mri's jumprelu and the initial threshold for SAELens's, whose threshold barely moves in
+   500 steps; the L1 coefficient for relu, whose scales differ between the libraries), each with its own sweep,
+   chosen so that the L0s overlap: see DEFAULT_SWEEPS).
 3. Evaluation, here, with mri's code for both: SAELens's folder is loaded by `mri.dictionaries.load` (its
    SAELens import); FVU, L0, dead and dense fractions over the held-out tokens (`evaluate_on_batches`), and CE
    loss recovered when spliced into mri-base on the first held-out contexts (`evaluate_on_model`, what
@@ -57,13 +58,14 @@ LIBS = ("mri", "saelens")
 # SAELens: on L0 next to the summed squared error of raw activations). relu: the L1 coefficient (mri: on the
 # decoder-norm-weighted L1 / d of normalised activations next to the FVU; SAELens: on the decoder-norm-
 # weighted L1 of raw activations next to the summed squared error). The sweeps are chosen so that L0s overlap
-# where the recipes let them. SAELens's JumpReLU threshold (trained directly, at the LR) moves at most ~0.15 from
-# its 0.01 start in 500 steps, so its L0 stays near the latent count whatever the coefficient; mri's jumprelu is
-# then compared with SAELens's best architecture at its L0 (`compare_best`).
+# where the recipes let them. SAELens's JumpReLU threshold (trained directly, at the LR) moves at most ~0.15 in
+# 500 steps: from its default start of 0.01 its L0 stayed near 3,990 of 4,096 at coefficients 1.5, 3 and 6, so
+# its sweep is over the initial threshold (raw units) at its default coefficient 1 (start 1: L0 895; 3: 53;
+# 10: 0, every latent dead).
 DEFAULT_SWEEPS = {
     "topk": {"mri": [16, 32, 64], "saelens": [16, 32, 64]},
     "batchtopk": {"mri": [16, 32, 64], "saelens": [16, 32, 64]},
-    "jumprelu": {"mri": [0.5, 1.0, 2.0], "saelens": [1.5, 3.0, 6.0]},
+    "jumprelu": {"mri": [0.05, 0.1, 0.25, 0.5, 1.0, 2.0], "saelens": [2.0, 3.0, 4.0]},
     "relu": {"mri": [1.0, 2.0, 5.0], "saelens": [4.0, 10.0, 20.0]},
 }
 PEER_VERSION_CODE = (
@@ -414,30 +416,32 @@ def compare(arch: str, rows: dict[str, list[dict]]) -> list[str]:
 
 
 def compare_best(results: dict[str, dict[str, list[dict]]]) -> list[str]:
-    """Each mri dictionary against SAELens's best at its L0, over every SAELens architecture whose sweep spans
-    that L0 (log-L0 interpolation; topk's points sit at L0 = k): a comparison that exists even where the same
-    architecture's L0s do not overlap."""
-    curves = {}
+    """Each library's best FVU at an L0 over all its architectures (log-L0 interpolation within each sweep;
+    topk's points sit at L0 = k), compared at the L0 of every run that both libraries' sweeps span: the two
+    frontiers, which can be compared even where one architecture's L0s do not overlap."""
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {lib: {} for lib in LIBS}
     for arch, by_lib in results.items():
-        pts = [(r["metrics"]["l0"], r["metrics"]["fvu"]) for r in by_lib.get("saelens", []) if "metrics" in r]
-        if pts:
-            curves[arch] = pts
+        for lib in LIBS:
+            pts = [(r["metrics"]["l0"], r["metrics"]["fvu"]) for r in by_lib.get(lib, []) if "metrics" in r]
+            if pts:
+                curves[lib][arch] = pts
+
+    def best(lib: str, l0: float) -> tuple[float, str] | None:
+        found = [(f, a) for a, pts in curves[lib].items() if (f := interpolate(pts, l0)) is not None]
+        return min(found) if found else None
+
+    l0s = sorted({p[0] for lib in LIBS for pts in curves[lib].values() for p in pts})
     out = []
-    for arch, by_lib in results.items():
-        for r in by_lib.get("mri", []):
-            if "metrics" not in r:
-                continue
-            m = r["metrics"]
-            found = [(f, a) for a, pts in curves.items() if (f := interpolate(pts, m["l0"])) is not None]
-            if found:
-                f_sl, a_sl = min(found)
-                out.append(
-                    f"{arch} {r['param']:g} at L0 {m['l0']:.1f}: {m['fvu']:.4f} vs {f_sl:.4f} (SAELens {a_sl}; "
-                    f"{_verdict(m['fvu'], f_sl)})"
-                )
-            else:
-                out.append(f"{arch} {r['param']:g} at L0 {m['l0']:.1f}: no SAELens sweep spans it")
-    return ["- mri vs SAELens's best architecture at the same L0, FVU: " + "; ".join(out)] if out else []
+    for l0 in l0s:
+        ours, theirs = best("mri", l0), best("saelens", l0)
+        if ours and theirs:
+            out.append(
+                f"L0 {l0:.1f}: {ours[0]:.4f} ({ours[1]}) vs {theirs[0]:.4f} ({theirs[1]}), "
+                f"{_verdict(ours[0], theirs[0])}"
+            )
+    if not out:
+        return []
+    return ["- best of any architecture at each L0, FVU mri vs SAELens: " + "; ".join(out)]
 
 
 def _verdict(f_mri: float, f_sl: float) -> str:
@@ -457,6 +461,7 @@ def run_spec(lib: str, arch: str, param: float, args: argparse.Namespace, info: 
         "data": info["id"],
         "version": peer if lib == "saelens" else f"{_version('mri')} {_mri_source()}",
         "ce_contexts": args.ce_contexts,
+        "knob": "init threshold" if (lib, arch) == ("saelens", "jumprelu") else "default",
     }
 
 
@@ -549,8 +554,13 @@ def run(args: argparse.Namespace) -> str:
     return report(args, info, results, train_seconds, cost, wall, loads, peer, reused)
 
 
+def knob(arch: str, lib: str, knobs: dict[str, str]) -> str:
+    """The sparsity knob's name in the table: SAELens's jumprelu sweeps its initial threshold instead."""
+    return "init threshold" if (arch, lib) == ("jumprelu", "saelens") else knobs[arch]
+
+
 def report(args, info, results, train_seconds, cost, wall, loads, peer, reused) -> str:
-    knob = {"topk": "k", "batchtopk": "k", "jumprelu": "L0 coef", "relu": "L1 coef"}
+    knobs = {"topk": "k", "batchtopk": "k", "jumprelu": "L0 coef", "relu": "L1 coef"}
     table = [
         "| arch | library | sparsity | L0 | FVU | dead | dense | CE loss recovered | KL | train s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -563,13 +573,13 @@ def report(args, info, results, train_seconds, cost, wall, loads, peer, reused) 
                 name = "mri" if lib == "mri" else "SAELens"
                 if "error" in r["train"]:
                     table.append(
-                        f"| {arch} | {name} | {knob[arch]} {r['param']:g} | failed: {r['train']['error']} |||||||"
+                        f"| {arch} | {name} | {knob(arch, lib, knobs)} {r['param']:g} | failed: {r['train']['error']} |||||||"
                     )
                     continue
                 m = r["metrics"]
                 ce_model, ce_zero, ce_tokens = m["ce_model"], m["ce_zero_ablated"], m["ce_tokens"]
                 table.append(
-                    f"| {arch} | {name} | {knob[arch]} {r['param']:g} | {m['l0']:.1f} | {m['fvu']:.4f} | "
+                    f"| {arch} | {name} | {knob(arch, lib, knobs)} {r['param']:g} | {m['l0']:.1f} | {m['fvu']:.4f} | "
                     f"{m['dead_fraction']:.1%} | {m['dense_fraction']:.1%} | {m['ce_loss_recovered']:.3f} | "
                     f"{m['kl']:.4f} | {r['train']['seconds']:.0f} |"
                 )
@@ -582,7 +592,9 @@ def report(args, info, results, train_seconds, cost, wall, loads, peer, reused) 
         f"{info['train_tokens']:,} training tokens each ({info['train_tokens'] // args.batch} steps of "
         f"{args.batch:,}), every run reading the same shuffled rows of one recorded store in the same order "
         f"({_rel(args.corpus)}; BOS positions left out); each library with its own default recipe (mri: `Trainer` "
-        "defaults; SAELens: its training-SAE config defaults and `SAETrainer`, constant LR 3e-4). Metrics by "
+        "defaults; SAELens: its training-SAE config defaults and `SAETrainer`, constant LR 3e-4, except that its "
+        "jumprelu sweeps the initial threshold, since from its default 0.01 the L0 stays near 3,990 whatever the "
+        "coefficient). Metrics by "
         f"mri's `evaluate_on_batches` on {info['heldout_tokens']:,} held-out tokens (FVU, L0, dead = never "
         "active there, dense = active on > 10%) and `evaluate_on_model` on the first "
         f"{ce_tokens or 0:,} of them (CE loss recovered, KL), SAELens's dictionaries loaded through mri's "

@@ -74,7 +74,9 @@ def test_two_processes_train_what_one_trains(tmp_path):
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     for name, want in one.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between the ranks"
-        torch.testing.assert_close(ranks[0][name], want, rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 sums over 2 processes' halves: the JumpReLU transcoder's decoder differs from one process's by up
+        # to 2.7e-6 (measured), its thresholds stepping at 30x the LR
+        torch.testing.assert_close(ranks[0][name], want, rtol=1e-5, atol=1e-5, msg=name)
     assert (tmp_path / "ckpt0").is_dir() and not (tmp_path / "ckpt1").exists()  # rank 0 alone writes
 
 
