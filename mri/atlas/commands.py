@@ -159,11 +159,12 @@ def crosslingual(
         command="mri " + shlex.join(sys.argv[1:]),
     )
     a, c = report["aligned"], report["control"]
+    ratio = "no ratio: the control has none" if report["ratio"] is None else f"x{report['ratio']:.2f}"
     typer.echo(
         f"{report['passages']} passages in {len(report['languages'])} languages: "
         f"{a['hits']} (passage, feature) pairs active in >= {min_languages} languages, "
         f"{a['features']} features; misaligned control {c['mean']['hits']:.1f} ± {c['std']['hits']:.1f} "
-        f"(x{report['ratio']:.2f}); with different peak tokens {a['hits_different_tokens']} vs "
+        f"({ratio}); with different peak tokens {a['hits_different_tokens']} vs "
         f"{c['mean']['hits_different_tokens']:.1f}"
     )
     for line in report["source"].get("missing", []):

@@ -35,7 +35,8 @@ def random_transcoders(
     sites_in = [f"blocks.{i}.hook_mlp_in" for i in range(L)]
     sites_out = [f"blocks.{i}.hook_mlp_out" for i in range(L)]
     gen = torch.Generator().manual_seed(seed)
-    common = dict(arch=arch, d_in=d, n_latents=n_latents, k=min(active, n_latents), skip=skip)
+    # rows of norm 1: `init_norm`'s small default is a starting point for training, not for untrained weights
+    common = dict(arch=arch, d_in=d, n_latents=n_latents, k=min(active, n_latents), skip=skip, init_norm=1.0)
     if clt:
         coders = [
             CrossLayerTranscoder(
