@@ -354,6 +354,9 @@ def test_files_inside_the_scan_are_served_sandboxed(client, serve_scan):
     assert r.status_code == 200 and r.json()["kind"] == "atlas"
     assert "sandbox" in r.headers["content-security-policy"]
     assert client.get("/api/files/atlases/L0/features.parquet").status_code == 404
+    # a name longer than the OS allows (found by the fuzzer: it was an OSError, a 500)
+    assert client.get("/api/files/" + "\u0130" * 200).status_code == 403
+    assert client.get("/api/graphs/" + "a" * 300 + ".json").status_code == 422  # its name pattern
 
 
 def test_symlink_out_of_the_scan_is_refused(serve_scan, tmp_path):

@@ -32,13 +32,15 @@ class OutsideRoot(MriError):
 def inside(root: Path, relative: str) -> Path:
     """`root / relative`, resolved (symlinks followed); `OutsideRoot` unless it stays inside `root`.
 
-    Absolute paths, drive letters, backslashes, NUL bytes and any `..` component are refused before the
-    file system is touched; the resolved path is checked again so a symlink cannot lead out."""
+    Absolute paths, drive letters, backslashes, NUL bytes, any `..` component and components longer than
+    the OS allows are refused before the file system is touched; the resolved path is checked again so a symlink cannot lead out."""
     if not relative or "\x00" in relative or "\\" in relative or relative.startswith(("/", "~")):
         raise OutsideRoot(f"path {relative!r} is not a relative path inside the scan folder")
     parts = relative.split("/")
     if any(p in ("..", "") or p.startswith(".") or ":" in p for p in parts):
         raise OutsideRoot(f"path {relative!r} has an empty, hidden, '..' or drive component")
+    if any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts):  # NAME_MAX: the OS would refuse it
+        raise OutsideRoot(f"path {relative[:80]!r}... has a component longer than 255 bytes")
     base = root.resolve()
     target = (base / relative).resolve()
     if not target.is_relative_to(base):

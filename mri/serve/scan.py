@@ -182,9 +182,13 @@ class Scan:
     def file(self, relative: str) -> Path:
         """A regular file inside the scan folder, no larger than MAX_FILE_BYTES."""
         path = inside(self.root, relative)
-        if not path.is_file():
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except OSError:  # a name the OS refuses (too long, say): not a file here either
+            size = None
+        if size is None:
             raise NotFound(f"{relative} is not a file in this scan")
-        if path.stat().st_size > MAX_FILE_BYTES:
+        if size > MAX_FILE_BYTES:
             raise MriError(f"{relative} is larger than {MAX_FILE_BYTES >> 20} MiB; it is not served")
         return path
 
