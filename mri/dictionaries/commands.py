@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mri.dictionaries.config import DictConfig, TrainConfig
 from mri.errors import MriError
 
 dict_app = typer.Typer(
@@ -84,10 +85,10 @@ def train(
     ] = False,
     init_norm: Annotated[
         float, typer.Option("--init-norm", help="Norm of the encoder rows at initialisation.")
-    ] = 0.1,
+    ] = DictConfig.init_norm,
     threshold_lr_scale: Annotated[
         float, typer.Option("--threshold-lr-scale", help="JumpReLU: log-thresholds' LR over the LR.")
-    ] = 30.0,
+    ] = TrainConfig.threshold_lr_scale,
     b_dec_init: Annotated[str, typer.Option("--b-dec-init", help="median | mean | zero.")] = "median",
     autocast: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast compute (GPU).")] = False,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length when streaming from --model.")] = 128,
@@ -180,8 +181,8 @@ def _train(
     sparsity_coef: float | None,
     skip: bool,
     b_dec_init: str,
-    init_norm: float = 0.1,
-    threshold_lr_scale: float = 30.0,
+    init_norm: float,
+    threshold_lr_scale: float,
     autocast: bool,
     ctx: int,
     seed: int,
@@ -191,7 +192,7 @@ def _train(
     shard_latents: bool = False,
 ) -> None:
     """`train` on this process's rank: `ranks` split each batch, or with `shard_latents` the latents."""
-    from mri.dictionaries import TrainConfig, Trainer, build, save
+    from mri.dictionaries import Trainer, build, save
     from mri.dictionaries.config import differences
     from mri.dictionaries.distributed import Ranks
     from mri.dictionaries.memory import check_fits, estimate
@@ -313,11 +314,9 @@ def dict_configs(
     skip: bool,
     width: Any,
     fingerprint: str | None,
-    init_norm: float = 0.1,
+    init_norm: float,
 ) -> list[Any]:
     """The `DictConfig`s that `mri dict train` builds for (input, output) site `pairs` of widths `width`."""
-    from mri.dictionaries import DictConfig
-
     groups = [pairs] if kind == "clt" else [[p] for p in pairs]
     cfgs = []
     for group in groups:

@@ -68,7 +68,9 @@ class DictConfig:
         if self.kind != "clt" and len(self.sites_in) != 1:
             raise MriError(f"a {self.kind} has one input site; use kind 'clt' for several layers")
         if not self.init_norm > 0:
-            raise MriError(f"init_norm must be positive, got {self.init_norm}")
+            raise MriError(
+                f"init_norm must be positive (--init-norm), got {self.init_norm}; the default is 0.1"
+            )
         if self.skip and self.kind == "sae":
             raise MriError("a skip connection is for transcoders, not SAEs")
 
@@ -145,7 +147,10 @@ class TrainConfig:
         if self.b_dec_init not in ("median", "mean", "zero"):
             raise MriError(f"b_dec_init must be median, mean or zero, got {self.b_dec_init!r}")
         if not self.threshold_lr_scale > 0:
-            raise MriError(f"threshold_lr_scale must be positive, got {self.threshold_lr_scale}")
+            raise MriError(
+                f"threshold_lr_scale must be positive (--threshold-lr-scale), got {self.threshold_lr_scale}; "
+                "the default is 30"
+            )
         self.adam_betas = tuple(self.adam_betas)
 
     @property

@@ -33,7 +33,8 @@ def inside(root: Path, relative: str) -> Path:
     """`root / relative`, resolved (symlinks followed); `OutsideRoot` unless it stays inside `root`.
 
     Absolute paths, drive letters, backslashes, NUL bytes, any `..` component and components longer than
-    the OS allows are refused before the file system is touched; the resolved path is checked again so a symlink cannot lead out."""
+    the OS allows are refused before the file system is touched; the resolved path is checked again so a
+    symlink cannot lead out."""
     if not relative or "\x00" in relative or "\\" in relative or relative.startswith(("/", "~")):
         raise OutsideRoot(f"path {relative!r} is not a relative path inside the scan folder")
     parts = relative.split("/")
