@@ -1,38 +1,43 @@
 #!/usr/bin/env bash
-# One short GPU lease, two measurements, each written to $OUT as soon as it is done:
-#   1. attribution graphs on mri-base with its shipped transcoders (bench/trace.py --mri-base), 1,000 and
-#      256 prompt tokens -> $OUT/trace-gpu.md
-#   2. mri's TopK SAE training step at ANCHORS' configuration (bench/train.py --libs mri: d_in 768, 32k and
-#      131k latents, k 32, 4,096 tokens a step, bf16 autocast) -> $OUT/bench-train-gpu.md
-# The prompt's token ids are written ahead on the CPU (`python bench/trace.py --write-ids bench/device/trace-prompt-ids.json
-# --tokens 1000`), since a GPU image may lack pyarrow to read the corpus sample. Every step has a timeout.
+# One short GPU lease, each measurement written to $OUT as soon as it is done:
+#   1. where mri's TopK training step spends its time, and the grouped top-k selection against torch.topk
+#      (bench/gpu_step.py: 768 x 32k and 768 x 131k latents, k 32, 4,096 tokens a step, bf16) -> $OUT/gpu-step.md
+#   2. mri vs sparsify side by side at ANCHORS' configuration (bench/gpu_train_bench.sh; the peers' wheels come
+#      from .whl/, so carry it) -> $OUT/bench-train-gpu.md
+#   3. only with TRACE=1: attribution graphs on mri-base with its shipped transcoders (bench/trace.py --mri-base,
+#      1,000 and 256 prompt tokens; ids written ahead on the CPU, see bench/device/) -> $OUT/trace-gpu.md
+# Every step has a timeout; the whole script stays under about 4 minutes on an H100.
 #
-#   OUT=dir bash bench/device_check.sh                                   # on the GPU machine
-#   OUT=/tmp/o DEVICE=cpu TOKENS="32 16" SIZES="64x512" BATCH=256 WARMUP=1 STEPS=2 bash bench/device_check.sh
+#   OUT=dir bash bench/device_check.sh                                   # on the GPU machine, with .whl carried
+#   OUT=/tmp/o DEVICE=cpu SIZES="64x2048" BATCH=256 WARMUP=1 STEPS=2 LIBS=mri bash bench/device_check.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the reports}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-TOKENS=${TOKENS:-1000 256}
 SIZES=${SIZES:-768x32768 768x131072}
 BATCH=${BATCH:-4096}
 WARMUP=${WARMUP:-20}
 STEPS=${STEPS:-100}
+LIBS=${LIBS:-mri sparsify}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 {
     date -u '+%F %T UTC'
     command -v nvidia-smi >/dev/null && nvidia-smi -L
-    "$PY" -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
-    # shellcheck disable=SC2086  # TOKENS and SIZES are word lists
-    timeout -k 5 "${TRACE_TIMEOUT:-100}" "$PY" bench/trace.py --mri-base --device "$DEVICE" --tokens $TOKENS \
-        --threads 8 --ids-file bench/device/trace-prompt-ids.json --worker-timeout 80 --out-md "$OUT/trace-gpu.md"
-    echo "== trace exit $?"
-    # shellcheck disable=SC2086
-    timeout -k 5 "${TRAIN_TIMEOUT:-100}" "$PY" bench/train.py --device "$DEVICE" --autocast --style gpu --libs mri \
-        --sizes $SIZES --batch "$BATCH" --k 32 --warmup "$WARMUP" --steps "$STEPS" --quality-tokens 0 \
-        --worker-timeout 60 --out-md "$OUT/bench-train-gpu.md"
+    "$PY" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
+    # shellcheck disable=SC2086  # SIZES is a word list
+    timeout -k 5 "${STEP_TIMEOUT:-90}" "$PY" bench/gpu_step.py --device "$DEVICE" --sizes $SIZES --batch "$BATCH" \
+        --warmup "$WARMUP" --steps "$STEPS" --out-md "$OUT/gpu-step.md"
+    echo "== gpu_step exit $?"
+    OUT="$OUT" DEVICE="$DEVICE" SIZES="$SIZES" BATCH="$BATCH" WARMUP="$WARMUP" STEPS="$STEPS" LIBS="$LIBS" \
+        TIMEOUT="${TRAIN_TIMEOUT:-110}" PYTHON="$PY" bash bench/gpu_train_bench.sh
     echo "== train exit $?"
+    if [ "${TRACE:-0}" = 1 ]; then
+        # shellcheck disable=SC2086
+        timeout -k 5 "${TRACE_TIMEOUT:-100}" "$PY" bench/trace.py --mri-base --device "$DEVICE" --tokens ${TOKENS:-1000 256} \
+            --threads 8 --ids-file bench/device/trace-prompt-ids.json --worker-timeout 80 --out-md "$OUT/trace-gpu.md"
+        echo "== trace exit $?"
+    fi
     date -u '+%F %T UTC'
 } 2>&1 | tee "$OUT/device_check.log"

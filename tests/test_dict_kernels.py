@@ -147,3 +147,39 @@ def test_auxk_over_the_dead_columns_is_the_masked_topk(n_dead):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the kernels work in fp32
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "dtype"),
+    [
+        (64, 4096, 32, torch.float32),
+        (32, 32768, 32, torch.bfloat16),
+        (16, 2048, 64, torch.float32),
+        (1, 65536, 512, torch.float32),
+    ],
+)
+def test_grouped_selection_keeps_exactly_the_k_largest_values(rows, n, k, dtype):
+    from mri.dictionaries.activations import _group_size, top_indices
+
+    assert _group_size(n, k) is not None  # the two-stage path, not the plain fallback
+    gen = torch.Generator().manual_seed(n + k)
+    for x in (
+        torch.randn(rows, n, generator=gen).to(dtype),
+        torch.randint(-20, 20, (rows, n), generator=gen).to(dtype),  # many ties at the cut
+        torch.randn(rows, n, generator=gen).sort(1).values.to(dtype),  # the top k all in the last groups
+    ):
+        idx = top_indices(x, k)
+        assert idx.shape == (rows, k)
+        assert (idx.sort(1).values.diff(dim=1) > 0).all()  # k distinct columns
+        torch.testing.assert_close(
+            x.gather(1, idx).sort(1).values, x.topk(k, 1).values.sort(1).values, rtol=0, atol=0
+        )
+
+
+def test_batchtopk_selection_over_the_flattened_batch_matches_one_plain_selection():
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.randn(128, 4096, generator=gen)
+    pairs = batchtopk_pairs(pre, 8)
+    top = pre.reshape(-1).topk(8 * 128)
+    want = top.indices[top.values > 0].sort().values
+    assert torch.equal(pairs.rows * 4096 + pairs.latents, want)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mri.dictionaries.activations import Pairs, threshold_pairs
+from mri.dictionaries.activations import Pairs, threshold_pairs, top_indices
 from mri.dictionaries.distributed import Ranks
 from mri.dictionaries.sparse_coder import ForwardOutput, Latents, SparseCoder, fvu, track_threshold
 from mri.dictionaries.sparse_kernels import gather_preacts, row_offsets, sparse_decode
@@ -82,8 +82,8 @@ def _columns(t: torch.Tensor, shards: Ranks) -> torch.Tensor:
 def topk_candidates(pre: torch.Tensor, k: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's k best (values, global latent indices), both (batch, min(k, n_here)), among one shard's
     pre-activations pre (batch, n_here) whose first latent is `first`."""
-    top = pre.topk(min(k, pre.shape[1]), dim=1, sorted=False)
-    return top.values, top.indices + first
+    indices = top_indices(pre, min(k, pre.shape[1]))
+    return pre.gather(1, indices), indices + first
 
 
 def own_pairs(values: torch.Tensor, latents: torch.Tensor, k: int, first: int, end: int) -> Pairs:
@@ -107,10 +107,12 @@ def sharded_batchtopk_pairs(pre: torch.Tensor, k: int, shards: Ranks) -> Pairs:
     pre (batch, n_here). Each rank offers its k * batch best and keeps what reaches the k * batch-th of all."""
     batch, n = pre.shape
     want = k * batch
-    top = pre.reshape(-1).topk(min(want, pre.numel()), sorted=False)
-    offered = shards.cat(top.values)
+    flat = pre.reshape(-1)
+    indices = top_indices(flat[None], min(want, flat.numel()))[0]
+    values = flat[indices]
+    offered = shards.cat(values)
     cut = offered.topk(min(want, offered.numel()), sorted=False).values.min()
-    chosen = top.indices[(top.values >= cut) & (top.values > 0)].sort().values
+    chosen = indices[(values >= cut) & (values > 0)].sort().values
     rows = torch.div(chosen, n, rounding_mode="floor")
     return Pairs(rows, chosen - rows * n, row_offsets(rows, batch))
 

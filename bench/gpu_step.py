@@ -1,0 +1,207 @@
+"""Where the time of mri's TopK training step goes on a GPU, and what the grouped top-k selection saves.
+
+For each size (d_in x latents; k 32, 4,096 tokens a step, bf16 autocast: ANCHORS' configuration), in one process:
+
+1. the selection alone, on a (batch, latents) bf16 matrix of encoder pre-activations (x @ W_enc.T + b_enc of
+   the bench's synthetic activations): `torch.topk` vs `mri.dictionaries.activations.top_indices` (group
+   maxima, then the k best groups' values), both checked to select the same values;
+2. the whole `Trainer.train_step`, once with the grouped selection and once with plain `torch.topk` (mri's
+   `_group_size` patched to decline grouping), each on a fresh trainer and the same batches; warm-up steps,
+   then timed steps with a device synchronise after each (time per step = their total / their number);
+3. the encoder GEMM alone (batch x d_in @ d_in x latents, bf16) and the three-GEMM bound batch / (3 x GEMM);
+4. torch.profiler's table of the grouped step's kernels by their own device time (a few steps).
+
+    python bench/gpu_step.py --out-md "$OUT/gpu-step.md"          # on the device machine, about a minute
+    python bench/gpu_step.py --device cpu --sizes 64x2048 --batch 256 --warmup 1 --steps 2   # smoke test
+
+It prints as it goes and writes the markdown report at the end (partial reports too, after each size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mri.dictionaries import (  # noqa: E402
+    DictConfig,
+    SparseCoder,
+    TrainConfig,
+    Trainer,
+    activations,  # noqa: E402
+)
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str, warmup: int, reps: int) -> float:
+    """Seconds per call of fn(), after `warmup` calls; a device synchronise after each call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    total = 0.0
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        total += time.perf_counter() - start
+    return total / reps
+
+
+def activations_batches(d_in: int, batch: int, n: int, device: str) -> list[torch.Tensor]:
+    """n batches of the benches' synthetic activations: seeded randn x per-dimension scale + offset."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.rand(d_in, generator=g) * 2 + 0.1
+    offset = torch.randn(d_in, generator=g)
+    return [(torch.randn(batch, d_in, generator=g) * scale + offset).to(device) for _ in range(n)]
+
+
+def trainer(d_in: int, n_latents: int, k: int, batch: int, steps: int, device: str) -> Trainer:
+    cfg = DictConfig(
+        kind="sae", arch="topk", d_in=d_in, n_latents=n_latents, k=k, sites_in=["x"], sites_out=["x"]
+    )
+    train = TrainConfig(
+        tokens=steps * batch, batch_size=batch, autocast=device != "cpu", dead_tokens=10_000_000
+    )
+    return Trainer([SparseCoder(cfg, seed=0)], train, device=device)
+
+
+def selection(pre: torch.Tensor, k: int, device: str, reps: int) -> dict:
+    plain = _timed(lambda: pre.topk(k, dim=1, sorted=False), device, 3, reps)
+    grouped = _timed(lambda: activations.top_indices(pre, k), device, 3, reps)
+    want = pre.topk(k, dim=1).values.float().sort(1).values
+    got = pre.gather(1, activations.top_indices(pre, k)).float().sort(1).values
+    return {"plain_ms": plain * 1e3, "grouped_ms": grouped * 1e3, "same": bool(torch.equal(want, got))}
+
+
+def steps(d_in, n_latents, k, batch, device, warmup, reps, grouped: bool) -> float:
+    """Seconds per Trainer step with the grouped selection on or off."""
+    original = activations._group_size
+    if not grouped:
+        activations._group_size = lambda n, k: None
+    try:
+        t = trainer(d_in, n_latents, k, batch, warmup + reps + 8, device)
+        data = activations_batches(d_in, batch, 4, device)
+        i = iter(range(10**9))
+        return _timed(lambda: t.train_step({"x": data[next(i) % 4]}), device, warmup, reps)
+    finally:
+        activations._group_size = original
+
+
+def gemm(d_in: int, n_latents: int, batch: int, device: str) -> float:
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    a = torch.randn(batch, d_in, generator=g).to(device, dtype)
+    b = torch.randn(d_in, n_latents, generator=g).to(device, dtype)
+    return _timed(lambda: a @ b, device, 3, 10)
+
+
+def profile(d_in, n_latents, k, batch, device, rows: int) -> str:
+    from torch.profiler import ProfilerActivity
+
+    t = trainer(d_in, n_latents, k, batch, 40, device)
+    data = activations_batches(d_in, batch, 4, device)
+    for i in range(5):
+        t.train_step({"x": data[i % 4]})
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(5):
+            t.train_step({"x": data[i % 4]})
+        _sync(device)
+    key = "self_device_time_total" if device != "cpu" else "self_cpu_time_total"
+    try:
+        return prof.key_averages().table(sort_by=key, row_limit=rows)
+    except Exception:  # an older profiler names it self_cuda_time_total
+        return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["768x32768", "768x131072"], help="d_in x latents")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--steps", type=int, default=100, help="timed steps")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--out-md", help="write the report here (default: print only)")
+    args = p.parse_args(argv)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        print("no CUDA device here; use --device cpu for a smoke test", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name() if args.device != "cpu" else platform.processor() or "cpu"
+    lines = [
+        "## train (GPU): where mri's step goes",
+        "",
+        f"`python bench/gpu_step.py` on {card}; torch {torch.__version__}; {time.strftime('%F %T UTC', time.gmtime())}",
+        f"k {args.k}, {args.batch:,} tokens a step, {'fp32' if args.device == 'cpu' else 'bf16 autocast'}; "
+        f"{args.warmup} warm-up then {args.steps} timed steps",
+        "",
+        "| d_in x latents | topk ms | grouped ms | same values | step ms, topk | step ms, grouped | M tok/s, grouped"
+        " | GEMM ms | share of 3-GEMM bound |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    tables = []
+
+    def write() -> None:
+        text = "\n".join(lines + [""] + tables) + "\n"
+        if args.out_md:
+            Path(args.out_md).write_text(text)
+
+    for size in args.sizes:
+        d_in, n = (int(v) for v in size.split("x"))
+        with torch.no_grad():
+            x = activations_batches(d_in, args.batch, 1, args.device)[0]
+            sae = SparseCoder(
+                DictConfig(
+                    kind="sae", arch="topk", d_in=d_in, n_latents=n, k=args.k, sites_in=["x"], sites_out=["x"]
+                ),
+                seed=0,
+            ).to(args.device)
+            dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
+            pre = torch.addmm(sae.b_enc.to(dtype), x.to(dtype), sae.W_enc.to(dtype).T)
+        sel = selection(pre, args.k, args.device, max(args.steps // 5, 2))
+        print(size, "selection", sel, flush=True)
+        del pre, sae, x
+        plain = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, grouped=False)
+        print(size, "step with torch.topk", f"{plain * 1e3:.2f} ms", flush=True)
+        grouped = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, grouped=True)
+        print(size, "step grouped", f"{grouped * 1e3:.2f} ms", flush=True)
+        g = gemm(d_in, n, args.batch, args.device)
+        bound = args.batch / (3 * g)
+        tok = args.batch / grouped
+        lines.append(
+            f"| {d_in} x {n:,} | {sel['plain_ms']:.3f} | {sel['grouped_ms']:.3f} | {'yes' if sel['same'] else 'NO'} "
+            f"| {plain * 1e3:.2f} | {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} |"
+        )
+        print(lines[-1], flush=True)
+        write()
+        table = profile(d_in, n, args.k, args.batch, args.device, args.profile_rows)
+        tables += [
+            f"kernels of 5 grouped steps at {d_in} x {n:,}, by own device time:",
+            "",
+            "```",
+            table,
+            "```",
+            "",
+        ]
+        print(table, flush=True)
+        write()
+        if args.device != "cpu":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
