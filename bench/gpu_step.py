@@ -106,7 +106,9 @@ def gemm(d_in: int, n_latents: int, batch: int, device: str) -> float:
     return _timed(lambda: a @ b, device, 3, 10)
 
 
-def profile(d_in, n_latents, k, batch, device, rows: int) -> str:
+def profile(d_in, n_latents, k, batch, device, rows: int) -> tuple[str, str]:
+    """torch.profiler's table of 5 grouped steps' ops by own device (CPU: host) time, and a line saying how
+    much of each step's wall time the device was busy: far below 100% means the host's launches bound it."""
     from torch.profiler import ProfilerActivity
 
     t = trainer(d_in, n_latents, k, batch, 40, device)
@@ -116,14 +118,22 @@ def profile(d_in, n_latents, k, batch, device, rows: int) -> str:
     _sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
     with torch.profiler.profile(activities=acts) as prof:
+        start = time.perf_counter()
         for i in range(5):
             t.train_step({"x": data[i % 4]})
         _sync(device)
+        wall = (time.perf_counter() - start) / 5
+    events = prof.key_averages()
     key = "self_device_time_total" if device != "cpu" else "self_cpu_time_total"
-    try:
-        return prof.key_averages().table(sort_by=key, row_limit=rows)
-    except Exception:  # an older profiler names it self_cuda_time_total
-        return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
+    if device != "cpu" and not hasattr(events[0], key):  # an older profiler: self_cuda_time_total
+        key = "self_cuda_time_total"
+    busy = sum(getattr(e, key) for e in events) / 5 / 1e6
+    what = "device" if device != "cpu" else "host"
+    line = (
+        f"{what} busy {busy * 1e3:.2f} ms of each step's {wall * 1e3:.2f} ms wall time under the profiler "
+        f"({busy / wall:.0%}); {sum(e.count for e in events if e.key.startswith('aten::')) / 5:.0f} aten calls a step"
+    )
+    return events.table(sort_by=key, row_limit=rows), line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(lines[-1], flush=True)
         write()
-        table = profile(d_in, n, args.k, args.batch, args.device, args.profile_rows)
+        table, busy = profile(d_in, n, args.k, args.batch, args.device, args.profile_rows)
+        print(busy, flush=True)
         tables += [
-            f"kernels of 5 grouped steps at {d_in} x {n:,}, by own device time:",
+            f"kernels of 5 grouped steps at {d_in} x {n:,}, by own device time; {busy}:",
             "",
             "```",
             table,

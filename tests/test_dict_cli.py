@@ -323,3 +323,19 @@ def test_cli_recipe_options_reach_the_dictionary_and_its_manifest(tmp_path, stor
     assert load(tmp_path / "jr").cfg.init_norm == 0.05
     manifest = json.loads((tmp_path / "jr" / "manifest.json").read_text())
     assert manifest["train_config"]["threshold_lr_scale"] == 10
+
+
+def test_cli_matryoshka_widths_reach_the_config_and_bad_ones_are_refused(tmp_path, store):
+    args = ["train", "--store", str(store), "--site", "L1.resid_post", "--latents", "64", "--k", "4"]
+    args += ["--tokens", "1024", "--batch-size", "256", "--quiet", "--device", "cpu"]
+    result = CliRunner().invoke(dict_app, [*args, "--matryoshka", "8,32", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert load(tmp_path / "m").cfg.matryoshka == [8, 32]
+    for bad, match in (
+        ("8,x", "comma-separated latent counts"),
+        ("32,8", "strictly increasing"),
+        ("64", "below"),
+    ):
+        result = CliRunner().invoke(dict_app, [*args, "--matryoshka", bad, "--out", str(tmp_path / "bad")])
+        assert isinstance(result.exception, MriError) and match in str(result.exception), result.output
+        assert not (tmp_path / "bad").exists()

@@ -36,11 +36,16 @@ def _train_config() -> TrainConfig:
 
 
 def _batches():
-    """Global batches {a, b}: toy features at a, a fixed linear map of them at b."""
+    """Global batches {a, b}: toy features at a, a fixed linear map of them at b. A little noise keeps every
+    row off zero: a transcoder's pre-activations of a zero row are its biases, all equal at the start,
+    and which of those tied latents a selection takes is up to the implementation (AuxK would then train
+    different latents in one process and in shards)."""
     toy = ToyFeatures(n_features=128, d=32, p=0.03, seed=0)
-    mix = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 32**0.5
+    gen = torch.Generator().manual_seed(1)
+    mix = torch.randn(32, 32, generator=gen) / 32**0.5
     for batch in toy.batches(BATCH, site="a"):
-        yield {"a": batch["a"], "b": batch["a"] @ mix}
+        a = batch["a"] + 0.01 * torch.randn(batch["a"].shape, generator=gen)
+        yield {"a": a, "b": a @ mix}
 
 
 def _trained(ranks: Ranks) -> Trainer:

@@ -29,22 +29,34 @@ def _toy_sae(arch: str, n: int = 1024, k: int = 8, **kw) -> tuple[ToyFeatures, T
     return toy, cfg
 
 
+# Measured on this toy (512 features in 64 dimensions, 1024 latents, k 8) with the features drawn from their
+# own seed stream, so that a fresh dictionary starts at recovery 0.40, not at the features themselves.
+# SAELens 6.54 on the same 600 batches, lr 3e-3: topk 0.936, batchtopk 0.645.
+TOY_RECOVERY = {
+    "topk": (300, 0.98),
+    "batchtopk": (600, 0.75),
+}  # steps at lr 1e-2, floor (measured 0.987, 0.797)
+MATRYOSHKA_STEPS, MATRYOSHKA_FREQUENT = 300, 0.9  # measured: frequent features in the prefix 0.95, plain 0.36
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_sparse_coder_recovers_the_true_features(one_thread, arch):
     toy, cfg = _toy_sae(arch)
-    trainer = Trainer([build(cfg)], TrainConfig(tokens=150 * 1024, batch_size=1024, lr=3e-3))
+    assert toy.recovery(build(cfg).W_dec) < 0.45  # the start is far from the answer
+    steps, floor = TOY_RECOVERY[arch]
+    trainer = Trainer([build(cfg)], TrainConfig(tokens=steps * 1024, batch_size=1024, lr=1e-2))
     trainer.fit(toy.batches(1024), progress=False)
     sae = trainer.finished()[0]
-    assert toy.recovery(sae.W_dec) >= 0.98
-    assert trainer.metrics[0]["l0"] == 8
+    assert toy.recovery(sae.W_dec) >= floor
+    assert trainer.metrics[0]["l0"] == pytest.approx(8, abs=0.5 if arch == "batchtopk" else 0)
 
 
-def test_jumprelu_recovers_the_features_and_its_l0_follows_the_coefficient(one_thread):
+def test_jumprelu_l0_follows_the_coefficient(one_thread):
     """The log-thresholds train at threshold_lr_scale x the LR, so the L0 coefficient sets the L0; at 1x they
-    barely move in 150 steps and the L0 stays near 133 for any coefficient (measured)."""
+    barely move in 150 steps and the L0 stays near 146 for any coefficient (measured)."""
     toy, cfg = _toy_sae("jumprelu")
     held = toy.sample(4096, torch.Generator().manual_seed(99))
-    l0s = {}
+    l0s, recovery = {}, {}
     for coef in (0.25, 1.0, 4.0):
         trainer = Trainer(
             [build(cfg)], TrainConfig(tokens=150 * 1024, batch_size=1024, lr=3e-3, sparsity_coef=coef)
@@ -52,10 +64,11 @@ def test_jumprelu_recovers_the_features_and_its_l0_follows_the_coefficient(one_t
         trainer.fit(toy.batches(1024), progress=False)
         sae = trainer.finished()[0]
         l0s[coef] = float((sae.encode(held) > 0).sum(-1).float().mean())
-        if coef == 1.0:  # ~7.7 true features per sample; measured L0 7.65, recovery 0.988
-            assert toy.recovery(sae.W_dec) >= 0.98
-            assert 5 <= l0s[coef] <= 12
-    assert l0s[0.25] > 4 * l0s[4.0]  # measured 28.0 vs 3.4
+        recovery[coef] = toy.recovery(sae.W_dec)
+    assert 8 <= l0s[1.0] <= 20  # measured 13.9 (7.7 true features per sample)
+    assert l0s[0.25] > 8 * l0s[4.0]  # measured 40.0 vs 2.7
+    # short of TopK on this toy: ~70% of latents die (measured recovery 0.53 at coefficient 1, from 0.40)
+    assert recovery[1.0] > 0.48
 
 
 def test_initial_rows_are_small_and_thresholds_get_their_own_lr():
@@ -236,6 +249,10 @@ def test_training_needs_every_site_in_the_batches():
         ({"k": 9}, r"k must be between 1 and n_latents \(8\), got 9"),
         ({"sites_out": ["other"]}, "same site"),
         ({"init_norm": 0.0}, "init_norm must be positive"),
+        ({"matryoshka": [4, 2]}, r"\(--matryoshka\) must be positive and strictly increasing"),
+        ({"matryoshka": [0, 2]}, r"\(--matryoshka\) must be positive and strictly increasing"),
+        ({"matryoshka": [2, 8]}, r"below n_latents \(8\)"),
+        ({"matryoshka": []}, r"\(--matryoshka\) must be positive and strictly increasing"),
     ],
 )
 def test_bad_configs_are_refused(kw, match):
@@ -432,3 +449,80 @@ def test_trainer_steps_are_the_dense_reference_steps():
         assert trainer.metrics[0]["auxk"] > 0 and trainer.metrics[0]["l0"] == 4
         for name, p in trainer.dicts[0].named_parameters():
             torch.testing.assert_close(p.detach(), ref[name].detach(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_matryoshka_loss_is_the_mean_fvu_of_the_prefixes_and_the_whole():
+    cfg = DictConfig(
+        kind="sae",
+        arch="topk",
+        d_in=16,
+        n_latents=64,
+        k=6,
+        sites_in=["x"],
+        sites_out=["x"],
+        matryoshka=[8, 24],
+    )
+    sae = build(cfg, seed=3).train()
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    out = sae(x)
+    acts = out.latents.dense(64)
+    assert (acts[:, :8] != 0).any() and (acts[:, 24:] != 0).any()  # the prefixes cut the active latents
+    fvus = []
+    for width in (8, 24, 64):
+        part = acts.clone()
+        part[:, width:] = 0
+        recon = part @ sae.W_dec + sae.b_dec
+        fvus.append((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    torch.testing.assert_close(out.fvu, fvus[-1])
+    torch.testing.assert_close(out.recon_loss, sum(fvus) / 3)
+    dense = sae(x, sparse_kernels=False)  # the dense reference path gives the same loss
+    torch.testing.assert_close(dense.recon_loss, out.recon_loss)
+    with pytest.raises(MriError, match="for SAEs and transcoders, not CLTs"):
+        DictConfig(
+            kind="clt",
+            arch="topk",
+            d_in=4,
+            n_latents=8,
+            k=2,
+            sites_in=["a", "b"],
+            sites_out=["a", "b"],
+            matryoshka=[4],
+        )
+
+
+def test_matryoshka_prefix_learns_the_frequent_features_on_its_own(one_thread):
+    """32 frequent features (on in 12% of samples) among 480 rare ones (1%): a Matryoshka SAE with a
+    32-latent prefix puts the frequent features in that prefix, which alone reconstructs far better
+    than the first 32 latents of a plain SAE (whose latents are in no order)."""
+    p = torch.full((512,), 0.01)
+    p[:32] = 0.12
+    toy = ToyFeatures(n_features=512, d=64, p=p, seed=0)
+    frequent = ToyFeatures(n_features=32, d=64, seed=0)
+    frequent.features = toy.features[:32]
+    held = toy.sample(4096, torch.Generator().manual_seed(99))
+
+    def fvu(out: torch.Tensor) -> float:
+        return float((held - out).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+
+    got = {}
+    for widths in (None, [32]):
+        cfg = DictConfig(
+            kind="sae", arch="topk", d_in=64, n_latents=1024, k=8, sites_in=["toy"], sites_out=["toy"],
+            matryoshka=widths,
+        )  # fmt: skip
+        trainer = Trainer([build(cfg)], TrainConfig(tokens=MATRYOSHKA_STEPS * 1024, batch_size=1024, lr=1e-2))
+        trainer.fit(toy.batches(1024), progress=False)
+        sae = trainer.finished()[0]
+        with torch.no_grad():
+            acts = sae.encode(held)
+            prefix = acts.clone()
+            prefix[:, 32:] = 0
+            got[widths is not None] = {
+                "whole": fvu(sae.decode(acts)),
+                "prefix": fvu(prefix @ sae.W_dec + sae.b_dec),
+                "frequent": frequent.recovery(sae.W_dec[:32]),
+            }
+    plain, nested = got[False], got[True]
+    assert nested["frequent"] >= MATRYOSHKA_FREQUENT and plain["frequent"] < 0.6
+    assert nested["prefix"] < 0.75 * plain["prefix"]
+    assert nested["whole"] < plain["whole"] + 0.05  # the whole dictionary stays about as good

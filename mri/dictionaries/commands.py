@@ -86,6 +86,13 @@ def train(
     init_norm: Annotated[
         float, typer.Option("--init-norm", help="Norm of the encoder rows at initialisation.")
     ] = DictConfig.init_norm,
+    matryoshka: Annotated[
+        str | None,
+        typer.Option(
+            "--matryoshka",
+            help="Nested prefix widths, comma-separated (e.g. 256,1024): Matryoshka training (SAEs, transcoders).",
+        ),
+    ] = None,
     threshold_lr_scale: Annotated[
         float, typer.Option("--threshold-lr-scale", help="JumpReLU: log-thresholds' LR over the LR.")
     ] = TrainConfig.threshold_lr_scale,
@@ -126,7 +133,7 @@ def train(
                 "--shard-latents splits the latents over torchrun's processes; run under torchrun "
                 "--nproc-per-node N (N > 1), or drop it"
             )
-        check_shardable(kind, arch, latents, world)
+        check_shardable(kind, arch, latents, world, matryoshka=matryoshka is not None)
     if model is not None and corpus is None:
         from mri.data.corpus import sample_corpus
 
@@ -150,6 +157,7 @@ def train(
             sparsity_coef=sparsity_coef,
             skip=skip,
             init_norm=init_norm,
+            matryoshka=_widths(matryoshka),
             threshold_lr_scale=threshold_lr_scale,
             b_dec_init=b_dec_init,
             autocast=autocast,
@@ -184,6 +192,7 @@ def _train(
     init_norm: float,
     threshold_lr_scale: float,
     autocast: bool,
+    matryoshka: list[int] | None = None,
     ctx: int,
     seed: int,
     checkpoint_every: int,
@@ -218,7 +227,7 @@ def _train(
         pairs = [(m.resolve_site(a), m.resolve_site(b)) for a, b in pairs]
         width = m.site_dim
         fingerprint = m.fingerprint()
-    cfgs = dict_configs(pairs, kind, arch, latents, k, skip, width, fingerprint, init_norm)
+    cfgs = dict_configs(pairs, kind, arch, latents, k, skip, width, fingerprint, init_norm, matryoshka)
     tcfg = TrainConfig(
         tokens=tokens,
         batch_size=batch_size,
@@ -305,6 +314,18 @@ def _train(
     discard_checkpoint(ckpt)
 
 
+def _widths(text: str | None) -> list[int] | None:
+    """--matryoshka's comma-separated widths as integers; MriError naming the option otherwise."""
+    if text is None:
+        return None
+    try:
+        return [int(w) for w in text.replace(" ", "").split(",") if w]
+    except ValueError:
+        raise MriError(
+            f"--matryoshka takes comma-separated latent counts, e.g. 256,1024; got {text!r}"
+        ) from None
+
+
 def dict_configs(
     pairs: list[tuple[str, str]],
     kind: str,
@@ -315,6 +336,7 @@ def dict_configs(
     width: Any,
     fingerprint: str | None,
     init_norm: float,
+    matryoshka: list[int] | None = None,
 ) -> list[Any]:
     """The `DictConfig`s that `mri dict train` builds for (input, output) site `pairs` of widths `width`."""
     groups = [pairs] if kind == "clt" else [[p] for p in pairs]
@@ -335,6 +357,7 @@ def dict_configs(
                 sites_out=[b for _, b in group],
                 skip=skip,
                 init_norm=init_norm,
+                matryoshka=matryoshka,
                 model_fingerprint=fingerprint,
             )
         )

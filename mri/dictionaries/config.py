@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -47,6 +48,12 @@ class DictConfig:
     (relu). Small, as in Anthropic's and SAELens's recipes: with rows of norm 1 the first reconstructions
     are far too large and a short run spends its steps shrinking them (mri-base L2, topk k 64, 500 steps:
     FVU 0.29 from norm 1, 0.21 from 0.1)."""
+    matryoshka: list[int] | None = None
+    """Nested prefix widths for Matryoshka training (SAEs and transcoders), strictly increasing and below
+    n_latents, e.g. [256, 1024] for 4,096 latents: the loss is the mean of the FVUs of the reconstructions
+    from latents [0, m) for each m and from all of them, so the first latents must work as a small
+    dictionary on their own and hold the most general features (Bussmann et al. 2025; Nabeshima 2024). It
+    changes training only: the dictionary encodes and decodes as one of its arch."""
     model_fingerprint: str | None = None
     """sha256 prefix of the model the dictionary was trained on, when known."""
 
@@ -73,6 +80,20 @@ class DictConfig:
             )
         if self.skip and self.kind == "sae":
             raise MriError("a skip connection is for transcoders, not SAEs")
+        if self.matryoshka is not None:
+            self.matryoshka = [int(m) for m in self.matryoshka]
+            widths = self.matryoshka
+            if self.kind == "clt":
+                raise MriError("Matryoshka prefixes (--matryoshka) are for SAEs and transcoders, not CLTs")
+            if not widths or any(b <= a for a, b in itertools.pairwise(widths)) or not 0 < widths[0]:
+                raise MriError(
+                    f"Matryoshka widths (--matryoshka) must be positive and strictly increasing, got {widths}"
+                )
+            if widths[-1] >= self.n_latents:
+                raise MriError(
+                    f"Matryoshka widths (--matryoshka) must stay below n_latents ({self.n_latents}), got "
+                    f"{widths}; the whole dictionary is always the last level"
+                )
 
     @property
     def n_layers(self) -> int:

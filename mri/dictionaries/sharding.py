@@ -33,9 +33,14 @@ SHARDED = ("W_enc", "b_enc", "W_dec")
 """The per-latent tensors, split over ranks along their first dimension; the others are replicated."""
 
 
-def check_shardable(kind: str, arch: str, n_latents: int, world: int) -> None:
+def check_shardable(kind: str, arch: str, n_latents: int, world: int, *, matryoshka: bool = False) -> None:
     """MriError unless a dictionary of this kind, arch and width can have its latents split over `world`
     ranks."""
+    if matryoshka:
+        raise MriError(
+            "latent sharding does not train Matryoshka prefixes; train it data-parallel instead (torchrun "
+            "without --shard-latents), or drop --matryoshka"
+        )
     if kind == "clt" or arch not in ("topk", "batchtopk"):
         raise MriError(
             f"latent sharding is for TopK and BatchTopK SAEs and transcoders, not a {arch} {kind}; "
@@ -126,7 +131,8 @@ class ShardedSparseCoder(nn.Module):
 
     def __init__(self, whole: SparseCoder, shards: Ranks):
         super().__init__()
-        check_shardable(whole.cfg.kind, whole.cfg.arch, whole.cfg.n_latents, shards.world)
+        cfg = whole.cfg
+        check_shardable(cfg.kind, cfg.arch, cfg.n_latents, shards.world, matryoshka=bool(cfg.matryoshka))
         self.cfg = whole.cfg
         self.shards = shards
         self.n_latents_here = whole.cfg.n_latents // shards.world

@@ -74,6 +74,9 @@ class ForwardOutput(NamedTuple):
     """AuxK loss: how well the top dead latents reconstruct the residual (0 when none are dead)."""
     sparsity_loss: torch.Tensor
     """Sparsity penalty before its coefficient: decoder-norm-weighted L1 (relu), L0 (jumprelu), else 0."""
+    recon_loss: torch.Tensor | None = None
+    """The reconstruction loss to minimise where it is not `fvu`: a Matryoshka dictionary's mean FVU over
+    its nested prefixes and the whole."""
 
 
 def fvu(target: torch.Tensor, output: torch.Tensor, ranks: Ranks | None = None) -> torch.Tensor:
@@ -283,12 +286,19 @@ class SparseCoder(nn.Module):
             out = out + x.to(self.W_skip.dtype) @ self.W_skip
         return out
 
-    def decode_latents(self, latents: Latents, x: torch.Tensor) -> torch.Tensor:
-        """(batch, d_out) reconstruction from `latents` of input x (batch, d_in)."""
-        if latents.pairs is None:
-            out = latents.values @ self.W_dec
+    def decode_latents(
+        self, latents: Latents, x: torch.Tensor, width: int | None = None, *, sparse_kernels: bool = True
+    ) -> torch.Tensor:
+        """(batch, d_out) reconstruction from `latents` of input x (batch, d_in); with `width`, from the
+        latents [0, width) alone (a Matryoshka prefix)."""
+        n = self.cfg.n_latents if width is None else width
+        if latents.pairs is None or not sparse_kernels:
+            out = latents.dense(self.cfg.n_latents)[:, :n] @ self.W_dec[:n]
         else:
-            out = sparse_decode(latents.pairs.latents, latents.values, latents.pairs.offsets, self.W_dec)
+            values = latents.values
+            if width is not None:
+                values = values * (latents.pairs.latents < width).to(values.dtype)
+            out = sparse_decode(latents.pairs.latents, values, latents.pairs.offsets, self.W_dec)
         out = out + self.b_dec
         if self.W_skip is not None:
             out = out + x @ self.W_skip
@@ -318,11 +328,15 @@ class SparseCoder(nn.Module):
         the global batch's loss (the shares sum to it)."""
         y = x if y is None else y
         latents, pre = self.latents(x, sparse_kernels=sparse_kernels, ranks=ranks)
-        if latents.pairs is None or not sparse_kernels:
-            out = self.decode(latents.dense(self.cfg.n_latents), x)
-        else:
-            out = self.decode_latents(latents, x)
+        out = self.decode_latents(latents, x, sparse_kernels=sparse_kernels)
         loss = fvu(y, out, ranks)
+        recon = None
+        if self.cfg.matryoshka:
+            nested = [
+                fvu(y, self.decode_latents(latents, x, m, sparse_kernels=sparse_kernels), ranks)
+                for m in self.cfg.matryoshka
+            ]
+            recon = (loss + sum(nested)) / (len(nested) + 1)
         zero = loss.new_zeros(())
         auxk = zero
         if dead is not None and n_dead is None:
@@ -341,7 +355,7 @@ class SparseCoder(nn.Module):
             sparsity = row_mean(l0.sum(-1), ranks) / self.cfg.d_out
         if self.training and self.cfg.arch == "batchtopk":
             self.batch_threshold.copy_(track_threshold(self.batch_threshold, latents, ranks))
-        return ForwardOutput(out, latents, loss, auxk, sparsity)
+        return ForwardOutput(out, latents, loss, auxk, sparsity, recon)
 
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:

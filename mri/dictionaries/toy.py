@@ -6,27 +6,35 @@ with a magnitude drawn uniformly from [low, high]); a good dictionary's decoder 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
+FEATURE_STREAM = 0x5EED_2024
+"""Offset of the toy features' seed (torch's CPU generator keeps 32 bits of a seed), far from any
+dictionary's initialisation seed."""
+
 
 class ToyFeatures:
-    """n_features random unit vectors in d dimensions, each active with probability p."""
+    """n_features random unit vectors in d dimensions, each active with probability p (one for all, or one
+    per feature: frequent and rare features, as in real activations)."""
 
     def __init__(
         self,
         n_features: int = 512,
         d: int = 64,
-        p: float = 0.015,
+        p: float | Sequence[float] | torch.Tensor = 0.015,
         magnitude: tuple[float, float] = (0.5, 1.5),
         seed: int = 0,
     ):
-        gen = torch.Generator().manual_seed(seed)
+        # a stream of its own: dictionaries initialise their decoder rows from randn under their own small
+        # seed, and features drawn from the same seed would be those very rows (recovery 1.0 at step 0)
+        gen = torch.Generator().manual_seed((FEATURE_STREAM + seed) % 2**32)
         feats = torch.randn(n_features, d, generator=gen)
         self.features = feats / feats.norm(dim=1, keepdim=True)
         """(n_features, d) the true feature directions."""
-        self.p = p
+        self.p = torch.as_tensor(p, dtype=torch.float32).expand(n_features).clone()
+        """(n_features,) each feature's probability of being active in a sample."""
         self.magnitude = magnitude
         self.seed = seed
 
