@@ -522,6 +522,12 @@ def test_matryoshka_prefix_learns_the_frequent_features_on_its_own(one_thread):
                 "prefix": fvu(prefix @ sae.W_dec + sae.b_dec),
                 "frequent": frequent.recovery(sae.W_dec[:32]),
             }
+        if widths:  # `mri dict eval` reports each prefix's FVU
+            from mri.dictionaries.metrics import evaluate_on_batches
+
+            metrics, _ = evaluate_on_batches(sae, iter([{"toy": held}]), max_tokens=4096)
+            assert metrics["fvu_prefix"]["32"] == pytest.approx(got[True]["prefix"], rel=1e-4)
+            assert metrics["fvu"] == pytest.approx(got[True]["whole"], rel=1e-4)
     plain, nested = got[False], got[True]
     assert nested["frequent"] >= MATRYOSHKA_FREQUENT and plain["frequent"] < 0.6
     assert nested["prefix"] < 0.75 * plain["prefix"]

@@ -49,6 +49,9 @@ class Reconstruction:
         self.sum_y2 = [0.0] * self.layers
         self.active = 0.0
         self.fired = torch.zeros(self.layers, cfg.n_latents, dtype=torch.float64)
+        self.widths = list(getattr(cfg, "matryoshka", None) or [])
+        """A Matryoshka dictionary's nested prefix widths; each gets its own FVU."""
+        self.sq_err_prefix = [0.0] * len(self.widths)
 
     def update(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
         """Add a batch: inputs and targets, one (batch, d) tensor per site."""
@@ -62,6 +65,10 @@ class Reconstruction:
             self.sum_y2[t] += float(y.double().pow(2).sum())
             self.active += float((lat.values > 0).sum())
             self.fired[t] += lat.fired(self.n_latents).double().cpu()
+        with torch.no_grad():
+            for j, width in enumerate(self.widths):
+                out = self.dictionary.decode_latents(latents[0], xs[0], width)
+                self.sq_err_prefix[j] += float((ys[0].float() - out).double().pow(2).sum())
 
     def density(self) -> torch.Tensor:
         """(n_layers, n_latents) fraction of tokens on which each latent was active."""
@@ -85,6 +92,11 @@ class Reconstruction:
         }
         if self.layers > 1:
             out["fvu_per_layer"] = fvus
+        if self.widths:
+            total = self.sum_y2[0] - float(self.sum_y[0].pow(2).sum()) / n
+            out["fvu_prefix"] = {
+                str(w): e / max(total, 1e-30) for w, e in zip(self.widths, self.sq_err_prefix, strict=True)
+            }
         return out
 
 
