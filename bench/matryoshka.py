@@ -12,7 +12,6 @@ Reports the held-out FVU of the whole dictionary, of each prefix alone, L0 and d
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -101,10 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['arch']} | {'Matryoshka' if r['nested'] else 'plain'} | {r['fvu']:.4f} | {prefixes} "
             f"| {r['l0']:.1f} | {r['dead_fraction']:.1%} | {r['seconds']:.0f} |"
         )
+    sys.path.insert(0, str(REPO / "bench"))
+    from record import machine
+
+    m = machine()
     lines += [
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; python "
-        f"{platform.python_version()}, torch {torch.__version__}; {started}",
+        "- Matryoshka costs the whole dictionary some FVU and makes every prefix a usable dictionary of its own",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; python {m['python']}, torch "
+        f"{torch.__version__}; {started}",
     ]
     body = "\n".join(lines) + "\n"
     print(body)
