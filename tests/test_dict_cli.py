@@ -140,7 +140,7 @@ def test_bad_inputs_say_what_is_wrong(tmp_path, store, tiny_model_dir, corpus):
         "device": "cpu",
     }
     with pytest.raises(MriError, match="unknown architecture"):
-        train(sites=["L1.resid_post"], store=store, arch="gated", **common)
+        train(sites=["L1.resid_post"], store=store, arch="swish", **common)
     with pytest.raises(MriError, match="no site"):
         train(sites=["L0.resid_post"], store=store, **common)
     with pytest.raises(MriError, match="unknown site"):
@@ -331,6 +331,10 @@ def test_cli_matryoshka_widths_reach_the_config_and_bad_ones_are_refused(tmp_pat
     result = CliRunner().invoke(dict_app, [*args, "--matryoshka", "8,32", "--out", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert load(tmp_path / "m").cfg.matryoshka == [8, 32]
+    result = CliRunner().invoke(dict_app, [*args, "--arch", "gated", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    gated = load(tmp_path / "g")
+    assert gated.cfg.arch == "gated" and gated.r_mag.abs().sum() > 0  # the magnitude path trained
     for bad, match in (
         ("8,x", "comma-separated latent counts"),
         ("32,8", "strictly increasing"),

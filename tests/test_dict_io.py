@@ -44,8 +44,12 @@ def _trained_like(kind: str, arch: str):
 
 
 @pytest.mark.parametrize("kind", ["sae", "transcoder", "clt"])
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu", "gated"])
 def test_save_load_round_trip(tmp_path, kind, arch):
+    if (kind, arch) == ("clt", "gated"):
+        with pytest.raises(MriError, match="not CLTs"):
+            _trained_like(kind, arch)
+        return
     d = _trained_like(kind, arch)
     save(d, tmp_path / "dict", provenance={"training_tokens": 123, "command": "mri dict train ..."})
     assert sorted(p.name for p in (tmp_path / "dict").iterdir()) == [
@@ -63,7 +67,7 @@ def test_save_load_round_trip(tmp_path, kind, arch):
     assert not list(tmp_path.glob(".dict*"))  # the temporary folder was renamed into place
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu", "gated"])
 def test_saelens_round_trip(tmp_path, arch):
     sae = _trained_like("sae", arch)
     export_saelens(sae, tmp_path / "sl", model_name="tiny")
@@ -76,22 +80,30 @@ def test_saelens_round_trip(tmp_path, arch):
         and cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
     )
     assert ("threshold" in weights) == (arch in ("jumprelu", "batchtopk"))
+    gated = {"b_gate", "r_mag", "b_mag"} <= set(weights)  # SAELens's names; its gated SAE has no b_enc
+    assert gated == (arch == "gated") and ("b_enc" in weights) == (arch != "gated")
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
     back = load(tmp_path / "sl")  # load() recognises the SAELens layout
     x = torch.randn(30, 12)
     torch.testing.assert_close(back.encode(x), sae.encode(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(back.reconstruct(x), sae.reconstruct(x), rtol=1e-5, atol=1e-6)
 
 
-def test_saelens_import_without_b_dec_on_input(tmp_path):
-    sae = _trained_like("sae", "relu")
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_saelens_import_without_b_dec_on_input(tmp_path, arch):
+    sae = _trained_like("sae", arch)
     export_saelens(sae, tmp_path / "sl")
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     cfg["apply_b_dec_to_input"] = False
     (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
     back = import_saelens(tmp_path / "sl")
     x = torch.randn(30, 12)
-    pre = x @ sae.W_enc.T + sae.b_enc  # what SAELens computes without subtracting b_dec
-    torch.testing.assert_close(back.encode(x), torch.relu(pre).detach(), rtol=1e-5, atol=1e-5)
+    proj = x @ sae.W_enc.T  # what SAELens computes without subtracting b_dec
+    if arch == "relu":
+        want = torch.relu(proj + sae.b_enc)
+    else:  # its GatedSAE: the gate's sign, the magnitude path's value
+        want = (proj + sae.b_enc > 0).float() * torch.relu(proj * sae.r_mag.exp() + sae.b_mag)
+    torch.testing.assert_close(back.encode(x), want.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_folders_are_refused(tmp_path):

@@ -66,7 +66,7 @@ def train(
     corpus: Annotated[
         Path | None, typer.Option("--corpus", help="Corpus for --model (default: the shipped sample).")
     ] = None,
-    arch: Annotated[str, typer.Option("--arch", help="topk | batchtopk | jumprelu | relu.")] = "topk",
+    arch: Annotated[str, typer.Option("--arch", help="topk | batchtopk | jumprelu | relu | gated.")] = "topk",
     kind: Annotated[str, typer.Option("--kind", help="sae | transcoder | clt.")] = "sae",
     latents: Annotated[
         int, typer.Option("--latents", help="Latents per dictionary (per layer for a CLT).")
@@ -78,7 +78,7 @@ def train(
         float | None, typer.Option("--lr", help="Learning rate (default: scaled by latents).")
     ] = None,
     sparsity_coef: Annotated[
-        float | None, typer.Option("--sparsity-coef", help="L1 (relu) / L0 (jumprelu) coefficient.")
+        float | None, typer.Option("--sparsity-coef", help="L1 (relu, gated) / L0 (jumprelu) coefficient.")
     ] = None,
     skip: Annotated[
         bool, typer.Option("--skip/--no-skip", help="Transcoders: linear skip connection.")

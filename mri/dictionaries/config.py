@@ -9,8 +9,9 @@ from typing import Any
 
 from mri.errors import MriError
 
-ARCHS = ("topk", "batchtopk", "jumprelu", "relu")
-"""Activation functions: TopK per token, BatchTopK over the batch, JumpReLU, ReLU with an L1 penalty."""
+ARCHS = ("topk", "batchtopk", "jumprelu", "relu", "gated")
+"""Activation functions: TopK per token, BatchTopK over the batch, JumpReLU, ReLU with an L1 penalty, and
+Gated (Rajamanoharan et al. 2024: a gate decides which latents fire, a magnitude path how strongly)."""
 KINDS = ("sae", "transcoder", "clt")
 """SAE: a site to itself. Transcoder: an input site to an output site. CLT: one encoder per layer, decoders
 from layer l to every layer >= l."""
@@ -24,7 +25,7 @@ class DictConfig:
     kind: str
     """sae | transcoder | clt."""
     arch: str
-    """topk | batchtopk | jumprelu | relu."""
+    """topk | batchtopk | jumprelu | relu | gated."""
     d_in: int
     """Width of each input site."""
     n_latents: int
@@ -80,6 +81,10 @@ class DictConfig:
             )
         if self.skip and self.kind == "sae":
             raise MriError("a skip connection is for transcoders, not SAEs")
+        if self.arch == "gated" and self.kind == "clt":
+            raise MriError(
+                "the gated arch is for SAEs and transcoders, not CLTs; use relu or jumprelu for a CLT"
+            )
         if self.matryoshka is not None:
             self.matryoshka = [int(m) for m in self.matryoshka]
             widths = self.matryoshka
@@ -136,7 +141,7 @@ class TrainConfig:
     decay_fraction: float = 0.2
     """The LR decays linearly to zero over this last fraction of the steps."""
     sparsity_coef: float | None = None
-    """L1 (relu) or L0 (jumprelu) coefficient; None: the arch's default."""
+    """L1 (relu, and gated's gate) or L0 (jumprelu) coefficient; None: the arch's default."""
     sparsity_warmup_fraction: float = 0.05
     """The sparsity coefficient ramps linearly from zero over this first fraction of the steps."""
     auxk: bool | None = None
@@ -195,7 +200,8 @@ class TrainConfig:
     def coefficient(self, arch: str) -> float:
         if self.sparsity_coef is not None:
             return self.sparsity_coef
-        return {"relu": 5.0, "jumprelu": 0.5}.get(arch, 0.0)
+        # gated at 5 on mri-base L2 (4,096 latents, 512k tokens): L0 116, FVU 0.169; at 2: L0 331; at 10: L0 25
+        return {"relu": 5.0, "jumprelu": 0.5, "gated": 5.0}.get(arch, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -25,7 +25,7 @@ from mri.errors import MriError
 
 WEIGHTS, CONFIG, MANIFEST = "dictionary.safetensors", "config.json", "manifest.json"
 SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
-_SAELENS_ARCH = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+_SAELENS_ARCH = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 
 
 def replace_folder(folder: Path, write: Callable[[Path], None]) -> Path:
@@ -135,18 +135,25 @@ def export_saelens(dictionary: Any, folder: str | Path, *, model_name: str = "")
     """Write an SAE in SAELens's layout: cfg.json + sae_weights.safetensors.
 
     TopK -> 'topk', ReLU -> 'standard', JumpReLU -> 'jumprelu' with its thresholds, BatchTopK -> 'jumprelu'
-    with its inference threshold on every latent (what it computes at inference).
+    with its inference threshold on every latent (what it computes at inference), Gated -> 'gated' (b_gate,
+    r_mag, b_mag).
     """
     cfg: DictConfig = dictionary.cfg
     if cfg.kind != "sae":
         raise MriError(f"SAELens export is for SAEs; this dictionary is a {cfg.kind}")
-    arch = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[cfg.arch]
+    arch = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}.get(
+        cfg.arch, cfg.arch
+    )
     tensors = {
         "W_enc": dictionary.W_enc.detach().T,
         "b_enc": dictionary.b_enc.detach(),
         "W_dec": dictionary.W_dec.detach(),
         "b_dec": dictionary.b_dec.detach(),
     }
+    if arch == "gated":  # SAELens's gated SAE names the gate's bias b_gate and has no b_enc
+        tensors["b_gate"] = tensors.pop("b_enc")
+        tensors["r_mag"] = dictionary.r_mag.detach()
+        tensors["b_mag"] = dictionary.b_mag.detach()
     if arch == "jumprelu":
         tensors["threshold"] = dictionary.threshold.detach().expand(cfg.n_latents)
     tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
@@ -178,7 +185,8 @@ def export_saelens(dictionary: Any, folder: str | Path, *, model_name: str = "")
 
 
 def import_saelens(folder: str | Path, device: str | torch.device = "cpu") -> Any:
-    """An SAE from SAELens's cfg.json + sae_weights.safetensors (architectures standard, topk, jumprelu)."""
+    """An SAE from SAELens's cfg.json + sae_weights.safetensors (architectures standard, topk, jumprelu,
+    gated)."""
     from mri.dictionaries.sparse_coder import SparseCoder
 
     folder = Path(folder)
@@ -189,7 +197,9 @@ def import_saelens(folder: str | Path, device: str | torch.device = "cpu") -> An
     meta = raw.get("metadata") or {}
     arch_name = raw.get("architecture") or raw.get("activation_fn_str") or "standard"
     if arch_name not in _SAELENS_ARCH:
-        raise MriError(f"SAELens architecture {arch_name!r} is not supported; use standard, topk or jumprelu")
+        raise MriError(
+            f"SAELens architecture {arch_name!r} is not supported; use standard, topk, jumprelu or gated"
+        )
     if raw.get("normalize_activations", "none") not in ("none", None):
         raise MriError(
             f"{folder} normalises activations ({raw['normalize_activations']}); only 'none' can be imported"
@@ -198,7 +208,10 @@ def import_saelens(folder: str | Path, device: str | torch.device = "cpu") -> An
     k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k") or 32
     site = meta.get("hook_name") or raw.get("hook_name") or "unknown"
     w = _read_safetensors(folder / SAELENS_WEIGHTS)
-    missing = [name for name in ("W_enc", "b_enc", "W_dec", "b_dec") if name not in w]
+    if arch == "gated" and "b_gate" in w:
+        w["b_enc"] = w["b_gate"]
+    extra = ("r_mag", "b_mag") if arch == "gated" else ("threshold",) if arch == "jumprelu" else ()
+    missing = [name for name in ("W_enc", "b_enc", "W_dec", "b_dec", *extra) if name not in w]
     if missing:
         raise MriError(f"{folder / SAELENS_WEIGHTS} is not an SAE's weights: it has no {', '.join(missing)}")
     W_enc = w["W_enc"].float()
@@ -215,8 +228,11 @@ def import_saelens(folder: str | Path, device: str | torch.device = "cpu") -> An
     sae = SparseCoder(cfg)
     b_dec = w["b_dec"].float()
     b_enc = w["b_enc"].float()
+    b_mag = w["b_mag"].float() if arch == "gated" else None
     if not raw.get("apply_b_dec_to_input", True):
         b_enc = b_enc + b_dec @ W_enc  # we always encode (x - b_dec); compensate
+        if b_mag is not None:
+            b_mag = b_mag + w["r_mag"].float().exp() * (b_dec @ W_enc)
     with torch.no_grad():
         sae.W_enc.copy_(W_enc.T)
         sae.b_enc.copy_(b_enc)
@@ -224,4 +240,7 @@ def import_saelens(folder: str | Path, device: str | torch.device = "cpu") -> An
         sae.b_dec.copy_(b_dec)
         if arch == "jumprelu":
             sae.log_threshold.copy_(w["threshold"].float().clamp_min(1e-30).log())
+        if arch == "gated":
+            sae.r_mag.copy_(w["r_mag"].float())
+            sae.b_mag.copy_(b_mag)
     return sae.to(device).eval()

@@ -65,6 +65,8 @@ def parameter_count(cfg: DictConfig, *, shards: int = 1) -> int:
         count += L * d_in * d_out
     if cfg.arch == "jumprelu":
         count += L * n
+    if cfg.arch == "gated":
+        count += 2 * L * n  # r_mag, b_mag
     return count
 
 

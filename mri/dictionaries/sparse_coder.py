@@ -1,9 +1,10 @@
 """`SparseCoder`: one sparse dictionary from an input site to an output site (an SAE when they are the same
-site, a transcoder when not), with TopK, BatchTopK, JumpReLU or ReLU latents.
+site, a transcoder when not), with TopK, BatchTopK, JumpReLU, ReLU or Gated latents.
 
 Weights: W_enc (n_latents, d_in), b_enc (n_latents,), W_dec (n_latents, d_out), b_dec (d_out,), optional
-W_skip (d_in, d_out), and the threshold of JumpReLU (per latent, trained as its log) or BatchTopK (one
-number, a running estimate used at inference). Latent i reads x along W_enc[i] and writes W_dec[i].
+W_skip (d_in, d_out), the threshold of JumpReLU (per latent, trained as its log) or BatchTopK (one
+number, a running estimate used at inference), and Gated's magnitude path r_mag, b_mag (n_latents,).
+Latent i reads x along W_enc[i] and writes W_dec[i].
 """
 
 from __future__ import annotations
@@ -113,13 +114,21 @@ def encode_latents(
     training: bool,
     sparse_kernels: bool = True,
     ranks: Ranks | None = None,
+    magnitude: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Latents, torch.Tensor]:
     """Latents of x (batch, d_in) under encoder W (n_latents, d_in), b; also the pre-activations.
 
     The pre-activations are returned without grad for TopK and BatchTopK (their grads flow through the
     gathered pairs only, unless `sparse_kernels` is off, the dense reference path). BatchTopK in training
-    selects over the global batch of data-parallel `ranks`.
+    selects over the global batch of data-parallel `ranks`. Gated takes `magnitude` = (r_mag, b_mag): a
+    latent fires where its gate x W.T + b is positive, at relu(exp(r_mag) * x W.T + b_mag); its
+    pre-activations are the gate's.
     """
+    if arch == "gated":
+        r_mag, b_mag = magnitude
+        proj = x @ W.T
+        gate = proj + b
+        return Latents((gate > 0).to(proj.dtype) * torch.relu(proj * r_mag.exp() + b_mag), None), gate
     if arch in ("topk", "batchtopk"):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse_kernels):
             pre = torch.addmm(b, x, W.T)
@@ -210,6 +219,11 @@ class SparseCoder(nn.Module):
             self.log_threshold = nn.Parameter(torch.full((n,), init, device=device))
         if cfg.arch == "batchtopk":
             self.register_buffer("batch_threshold", torch.zeros((), device=device))
+        if cfg.arch == "gated":
+            self.r_mag = nn.Parameter(torch.zeros(n, device=device))
+            """Gated: log of each latent's magnitude-path scale on the shared encoder row."""
+            self.b_mag = nn.Parameter(torch.zeros(n, device=device))
+            """Gated: the magnitude path's bias (b_enc is the gate's)."""
         self.reset_parameters(seed)
 
     # ---- construction ------------------------------------------------------------------------------
@@ -229,6 +243,9 @@ class SparseCoder(nn.Module):
         self.W_enc.copy_(enc * self.cfg.init_norm)
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.cfg.arch == "gated":
+            self.r_mag.zero_()
+            self.b_mag.zero_()
 
     @property
     def unit_norm(self) -> bool:
@@ -266,6 +283,7 @@ class SparseCoder(nn.Module):
             training=self.training,
             sparse_kernels=sparse_kernels,
             ranks=ranks,
+            magnitude=(self.r_mag, self.b_mag) if cfg.arch == "gated" else None,
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,6 +355,13 @@ class SparseCoder(nn.Module):
                 for m in self.cfg.matryoshka
             ]
             recon = (loss + sum(nested)) / (len(nested) + 1)
+        if self.cfg.arch == "gated":
+            # the gate alone, through the frozen decoder, must reconstruct too: without this the gate's L1
+            # would shrink its pre-activations towards zero, the magnitude path making up the scale
+            via_gate = torch.relu(pre) @ self.W_dec.detach() + self.b_dec.detach()
+            if self.W_skip is not None:
+                via_gate = via_gate + x @ self.W_skip.detach()
+            recon = (loss if recon is None else recon) + fvu(y, via_gate, ranks)
         zero = loss.new_zeros(())
         auxk = zero
         if dead is not None and n_dead is None:
@@ -350,6 +375,8 @@ class SparseCoder(nn.Module):
         sparsity = zero
         if self.cfg.arch == "relu":
             sparsity = row_mean((latents.values * self.W_dec.norm(dim=1)).sum(-1), ranks) / self.cfg.d_out
+        elif self.cfg.arch == "gated":
+            sparsity = row_mean(torch.relu(pre).sum(-1), ranks) / self.cfg.d_out  # unit decoder rows
         elif self.cfg.arch == "jumprelu":
             l0 = step(pre, self.threshold, self.cfg.jumprelu_bandwidth)
             sparsity = row_mean(l0.sum(-1), ranks) / self.cfg.d_out
@@ -386,6 +413,8 @@ class SparseCoder(nn.Module):
         self.W_enc *= ratio  # an SAE has scale_in == scale_out: its (x - b_dec) scales with the output
         self.b_enc /= scale_out
         self.b_dec /= scale_out
+        if self.cfg.arch == "gated":
+            self.b_mag /= scale_out  # the gate keeps its sign, the magnitude scales with the output
         if self.W_skip is not None:
             self.W_skip *= ratio
         self._scale_thresholds(1 / scale_out)
@@ -393,7 +422,7 @@ class SparseCoder(nn.Module):
     @torch.no_grad()
     def fold_decoder_norms(self) -> None:
         """Give every decoder row unit norm by moving its norm into the encoder (ReLU/JumpReLU only)."""
-        if self.cfg.arch in ("topk", "batchtopk"):
+        if self.cfg.arch in ("topk", "batchtopk", "gated"):
             return
         norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
         self.W_dec /= norms[:, None]
