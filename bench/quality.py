@@ -1,4 +1,4 @@
-"""Dictionary quality on mri-base: mri's four architectures at several sparsities, next to SAELens trained on
+"""Dictionary quality on mri-base: mri's five architectures at several sparsities, next to SAELens trained on
 the same activations with the same token budget, both measured by the same code.
 
 1. Data (once, cached in runs/quality/): `mri.data.record.record` (what `mri record` runs) writes mri-base's
@@ -13,20 +13,21 @@ the same activations with the same token budget, both measured by the same code.
      geometric median, sparsity-coefficient warm-up, AuxK for topk/batchtopk, JumpReLU log-thresholds at 30x the
      LR; saved in mri's format. mri's runs are retrained whenever mri/dictionaries' source changes.
    - SAELens (sae-lens 6, in bench/.venvs/sae-peers): `TopKTrainingSAE`, `BatchTopKTrainingSAE`,
-     `JumpReLUTrainingSAE`, `StandardTrainingSAE` with their config defaults, trained by its `SAETrainer.fit`
+     `JumpReLUTrainingSAE`, `StandardTrainingSAE`, `GatedTrainingSAE` with their config defaults, trained by its `SAETrainer.fit`
      (the loop `LanguageModelSAETrainingRunner` runs: constant LR 3e-4, grad-norm clipping, its dead-feature
      window) from an iterator over train.npy, then written by `save_inference_model` (what the runner writes:
      cfg.json + sae_weights.safetensors; BatchTopK becomes JumpReLU with its threshold).
    Same latents, token budget and batch size for both; only the sparsity knob differs (k for topk/batchtopk; the
    L0 coefficient for mri's jumprelu and the initial threshold for SAELens's, whose threshold barely moves in
-   500 steps; the L1 coefficient for relu, whose scales differ between the libraries), each with its own sweep,
+   500 steps; the L1 coefficient for relu and gated, whose scales differ between the libraries), each with its
+   own sweep,
    chosen so that the L0s overlap: see DEFAULT_SWEEPS).
 3. Evaluation, here, with mri's code for both: SAELens's folder is loaded by `mri.dictionaries.load` (its
    SAELens import); FVU, L0, dead and dense fractions over the held-out tokens (`evaluate_on_batches`), and CE
    loss recovered when spliced into mri-base on the first held-out contexts (`evaluate_on_model`, what
    `mri dict eval --model` runs). The SAELens worker also measures FVU and L0 with SAELens's own loaded model on
    the same held-out tokens, which checks the import.
-4. Equal L0: topk compares at equal k (equal L0 by construction). For batchtopk, jumprelu and relu, each
+4. Equal L0: topk compares at equal k (equal L0 by construction). For batchtopk, jumprelu, relu and gated, each
    library's held-out FVU (and CE loss recovered) is interpolated piecewise-linearly in log L0 between its own
    sweep points at the other library's L0, where that L0 lies within its sweep (no extrapolation).
 
@@ -52,7 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 SECTION = "## quality: mri-base"
-ARCHS = ("topk", "batchtopk", "jumprelu", "relu")
+ARCHS = ("topk", "batchtopk", "jumprelu", "relu", "gated")
 LIBS = ("mri", "saelens")
 # The sparsity sweeps. topk/batchtopk: k. jumprelu: the L0 coefficient (mri: on L0 / d next to the FVU;
 # SAELens: on L0 next to the summed squared error of raw activations). relu: the L1 coefficient (mri: on the
@@ -62,11 +63,13 @@ LIBS = ("mri", "saelens")
 # 500 steps: from its default start of 0.01 its L0 stayed near 3,990 of 4,096 at coefficients 1.5, 3 and 6, so
 # its sweep is over the initial threshold (raw units) at its default coefficient 1 (start 1: L0 895; 3: 53;
 # 10: 0, every latent dead).
+GATED_SAELENS = [10.0, 40.0, 150.0]  # its L1 on unnormalised activations: 10 gives L0 313 here
 DEFAULT_SWEEPS = {
     "topk": {"mri": [16, 32, 64], "saelens": [16, 32, 64]},
     "batchtopk": {"mri": [16, 32, 64], "saelens": [16, 32, 64]},
     "jumprelu": {"mri": [0.05, 0.1, 0.25, 0.5, 1.0, 2.0], "saelens": [2.0, 3.0, 4.0]},
     "relu": {"mri": [1.0, 2.0, 5.0], "saelens": [4.0, 10.0, 20.0]},
+    "gated": {"mri": [2.0, 5.0, 10.0], "saelens": GATED_SAELENS},
 }
 PEER_VERSION_CODE = (
     "from importlib.metadata import version as v\n"
@@ -212,7 +215,7 @@ def worker_mri(args: argparse.Namespace) -> dict:
     tcfg = TrainConfig(
         tokens=info["train_tokens"],
         batch_size=args.batch,
-        sparsity_coef=knob if args.arch in ("jumprelu", "relu") else None,
+        sparsity_coef=knob if args.arch in ("jumprelu", "relu", "gated") else None,
     )
     trainer = Trainer([build(cfg, seed=0)], tcfg)
     start = time.perf_counter()
@@ -235,6 +238,8 @@ def worker_saelens(args: argparse.Namespace) -> dict:
         SAE,
         BatchTopKTrainingSAE,
         BatchTopKTrainingSAEConfig,
+        GatedTrainingSAE,
+        GatedTrainingSAEConfig,
         JumpReLUTrainingSAE,
         JumpReLUTrainingSAEConfig,
         StandardTrainingSAE,
@@ -258,6 +263,8 @@ def worker_saelens(args: argparse.Namespace) -> dict:
         # the knob is the initial threshold (raw units), the L0 coefficient its default: the threshold, trained
         # directly at the LR, moves at most ~0.15 in 500 steps, so its start sets where the L0 can go
         sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_init_threshold=knob, **common))
+    elif args.arch == "gated":
+        sae = GatedTrainingSAE(GatedTrainingSAEConfig(l1_coefficient=knob, **common))
     else:
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=knob, **common))
     lr = 3e-4  # LanguageModelSAERunnerConfig's default, with its lr_end default lr / 10 (unused: constant LR)
@@ -560,7 +567,7 @@ def knob(arch: str, lib: str, knobs: dict[str, str]) -> str:
 
 
 def report(args, info, results, train_seconds, cost, wall, loads, peer, reused) -> str:
-    knobs = {"topk": "k", "batchtopk": "k", "jumprelu": "L0 coef", "relu": "L1 coef"}
+    knobs = {"topk": "k", "batchtopk": "k", "jumprelu": "L0 coef", "relu": "L1 coef", "gated": "L1 coef"}
     table = [
         "| arch | library | sparsity | L0 | FVU | dead | dense | CE loss recovered | KL | train s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
