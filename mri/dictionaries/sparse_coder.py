@@ -74,10 +74,11 @@ class ForwardOutput(NamedTuple):
     auxk_loss: torch.Tensor
     """AuxK loss: how well the top dead latents reconstruct the residual (0 when none are dead)."""
     sparsity_loss: torch.Tensor
-    """Sparsity penalty before its coefficient: decoder-norm-weighted L1 (relu), L0 (jumprelu), else 0."""
+    """Sparsity penalty before its coefficient: decoder-norm-weighted L1 (relu), L1 of the gate (gated), L0
+    (jumprelu), else 0."""
     recon_loss: torch.Tensor | None = None
     """The reconstruction loss to minimise where it is not `fvu`: a Matryoshka dictionary's mean FVU over
-    its nested prefixes and the whole."""
+    its nested prefixes and the whole; for gated, plus the FVU of the gate's own reconstruction."""
 
 
 def fvu(target: torch.Tensor, output: torch.Tensor, ranks: Ranks | None = None) -> torch.Tensor:
