@@ -13,6 +13,7 @@ For each size (d_in x latents; k 32, 4,096 tokens a step, bf16 autocast: ANCHORS
 
     python bench/gpu_step.py --out-md "$OUT/gpu-step.md"          # on the device machine, about a minute
     python bench/gpu_step.py --device cpu --sizes 64x2048 --batch 256 --warmup 1 --steps 2   # smoke test
+    python bench/gpu_step.py --device cpu --sizes 768x16384 768x32768 --batch 1024 --warmup 1 --steps 4 --results
 
 It prints as it goes and writes the markdown report at the end (partial reports too, after each size).
 """
@@ -20,7 +21,6 @@ It prints as it goes and writes the markdown report at the end (partial reports 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -81,7 +81,17 @@ def selection(pre: torch.Tensor, k: int, device: str, reps: int) -> dict:
     grouped = _timed(lambda: activations.top_indices(pre, k), device, 3, reps)
     want = pre.topk(k, dim=1).values.float().sort(1).values
     got = pre.gather(1, activations.top_indices(pre, k)).float().sort(1).values
-    return {"plain_ms": plain * 1e3, "grouped_ms": grouped * 1e3, "same": bool(torch.equal(want, got))}
+    # BatchTopK's selection: the k * batch largest of the whole (batch, latents) matrix
+    flat, kb = pre.reshape(1, -1), k * pre.shape[0]
+    batch_plain = _timed(lambda: flat.topk(kb, dim=1, sorted=False), device, 1, max(reps // 4, 2))
+    batch_grouped = _timed(lambda: activations.top_indices(flat, kb), device, 1, max(reps // 4, 2))
+    return {
+        "plain_ms": plain * 1e3,
+        "grouped_ms": grouped * 1e3,
+        "batch_plain_ms": batch_plain * 1e3,
+        "batch_grouped_ms": batch_grouped * 1e3,
+        "same": bool(torch.equal(want, got)),
+    }
 
 
 def steps(d_in, n_latents, k, batch, device, warmup, reps, grouped: bool) -> float:
@@ -146,21 +156,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--out-md", help="write the report here (default: print only)")
+    p.add_argument("--results", action="store_true", help="also replace its section of bench/RESULTS.md")
     args = p.parse_args(argv)
     if args.device != "cpu" and not torch.cuda.is_available():
         print("no CUDA device here; use --device cpu for a smoke test", file=sys.stderr)
         return 2
-    card = torch.cuda.get_device_name() if args.device != "cpu" else platform.processor() or "cpu"
+    if args.device == "cpu":
+        sys.path.insert(0, str(REPO / "bench"))
+        from record import machine
+
+        m = machine()
+        card = f"{m['cpu']}, {m['cores']} cores, torch.set_num_threads({torch.get_num_threads()})"
+    else:
+        card = torch.cuda.get_device_name()
     lines = [
-        "## train (GPU): where mri's step goes",
+        f"## train ({'CPU' if args.device == 'cpu' else 'GPU'}): where mri's step goes",
         "",
         f"`python bench/gpu_step.py` on {card}; torch {torch.__version__}; {time.strftime('%F %T UTC', time.gmtime())}",
         f"k {args.k}, {args.batch:,} tokens a step, {'fp32' if args.device == 'cpu' else 'bf16 autocast'}; "
         f"{args.warmup} warm-up then {args.steps} timed steps",
         "",
-        "| d_in x latents | topk ms | grouped ms | same values | step ms, topk | step ms, grouped | M tok/s, grouped"
-        " | GEMM ms | share of 3-GEMM bound |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| d_in x latents | topk ms | grouped ms | same values | batch-wide topk ms | batch-wide grouped ms "
+        "| step ms, topk | step ms, grouped | M tok/s, grouped | GEMM ms | share of 3-GEMM bound |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     tables = []
 
@@ -168,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         text = "\n".join(lines + [""] + tables) + "\n"
         if args.out_md:
             Path(args.out_md).write_text(text)
+        if args.results:  # replace this section of bench/RESULTS.md, as every bench does
+            results = REPO / "bench" / "RESULTS.md"
+            old, head = results.read_text(), lines[0]
+            if head in old:
+                start = old.index(head)
+                end = old.find("\n## ", start + len(head))
+                old = old[:start] + (old[end + 1 :] if end != -1 else "")
+            results.write_text(old.rstrip("\n") + "\n\n" + text)
 
     for size in args.sizes:
         d_in, n = (int(v) for v in size.split("x"))
@@ -193,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = args.batch / grouped
         lines.append(
             f"| {d_in} x {n:,} | {sel['plain_ms']:.3f} | {sel['grouped_ms']:.3f} | {'yes' if sel['same'] else 'NO'} "
-            f"| {plain * 1e3:.2f} | {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} |"
+            f"| {sel['batch_plain_ms']:.1f} | {sel['batch_grouped_ms']:.1f} | {plain * 1e3:.2f} | {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} |"
         )
         print(lines[-1], flush=True)
         write()

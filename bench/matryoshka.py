@@ -36,9 +36,12 @@ from mri.dictionaries.metrics import evaluate_on_batches  # noqa: E402
 SECTION = "## matryoshka: mri-base"
 
 
-def batches(arr: np.ndarray, batch: int, site: str):
-    for a in range(0, arr.shape[0] - batch + 1, batch):
-        yield {site: torch.from_numpy(np.array(arr[a : a + batch]))}
+def train_batches(data: Path, batch: int):
+    """bench/quality.py's training batches, in its order (the same rows every library reads)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from quality import train_batches as batches
+
+    return batches(data, batch)
 
 
 def saelens_worker(args: argparse.Namespace) -> None:
@@ -65,11 +68,7 @@ def saelens_worker(args: argparse.Namespace) -> None:
     tcfg = SAETrainerConfig(
         total_training_samples=train.shape[0], train_batch_size_samples=args.batch, lr=lr, lr_end=lr / 10
     )
-    feed = (
-        torch.from_numpy(np.array(train[a : a + args.batch]))
-        for a in range(0, train.shape[0] - args.batch + 1, args.batch)
-    )
-    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=feed)
+    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=train_batches(args.data, args.batch))
     start = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - start
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             trainer = Trainer([build(cfg, seed=0)], TrainConfig(tokens=train.shape[0], batch_size=args.batch))
             start = time.perf_counter()
-            trainer.fit(batches(train, args.batch, site), progress=False)
+            trainer.fit(({site: x} for x in train_batches(args.data, args.batch)), progress=False)
             seconds = time.perf_counter() - start
             sae = trainer.finished()[0]
             probe = build(DictConfig.from_dict({**cfg.to_dict(), "matryoshka": widths}))

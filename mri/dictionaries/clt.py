@@ -36,6 +36,8 @@ class CLTForwardOutput(NamedTuple):
     the layers they write (0 when none are dead)."""
     sparsity_loss: torch.Tensor
     """Decoder-norm-weighted L1 (relu) or L0 (jumprelu) summed over layers, else 0."""
+    recon_loss: torch.Tensor | None = None
+    """Always None: a CLT minimises `fvu` (no Matryoshka prefixes, no gated arch)."""
 
 
 class CrossLayerTranscoder(nn.Module):

@@ -356,10 +356,11 @@ class SparseCoder(nn.Module):
                 for m in self.cfg.matryoshka
             ]
             recon = (loss + sum(nested)) / (len(nested) + 1)
-        if self.cfg.arch == "gated":
+        gate = torch.relu(pre) if self.cfg.arch == "gated" else None
+        if gate is not None:
             # the gate alone, through the frozen decoder, must reconstruct too: without this the gate's L1
             # would shrink its pre-activations towards zero, the magnitude path making up the scale
-            via_gate = torch.relu(pre) @ self.W_dec.detach() + self.b_dec.detach()
+            via_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
             if self.W_skip is not None:
                 via_gate = via_gate + x @ self.W_skip.detach()
             recon = (loss if recon is None else recon) + fvu(y, via_gate, ranks)
@@ -376,8 +377,8 @@ class SparseCoder(nn.Module):
         sparsity = zero
         if self.cfg.arch == "relu":
             sparsity = row_mean((latents.values * self.W_dec.norm(dim=1)).sum(-1), ranks) / self.cfg.d_out
-        elif self.cfg.arch == "gated":
-            sparsity = row_mean(torch.relu(pre).sum(-1), ranks) / self.cfg.d_out  # unit decoder rows
+        elif gate is not None:
+            sparsity = row_mean(gate.sum(-1), ranks) / self.cfg.d_out  # unit decoder rows
         elif self.cfg.arch == "jumprelu":
             l0 = step(pre, self.threshold, self.cfg.jumprelu_bandwidth)
             sparsity = row_mean(l0.sum(-1), ranks) / self.cfg.d_out

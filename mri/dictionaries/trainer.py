@@ -273,8 +273,7 @@ class Trainer:
                         n_dead=n_dead if dead is not None else None,
                     )
             coef = cfg.coefficient(d.cfg.arch) * self.sparsity_factor(self.step)
-            nested = getattr(out, "recon_loss", None)  # Matryoshka's; a CLT has none
-            recon = out.fvu if nested is None else nested
+            recon = out.fvu if out.recon_loss is None else out.recon_loss
             loss = recon + cfg.auxk_alpha * out.auxk_loss + coef * out.sparsity_loss
             total = total + loss.float()
             stats.append(self._track(i, out, xs[0].shape[0], dead_after))
