@@ -28,7 +28,7 @@ mkdir -p "$OUT"
     "$PY" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
     # shellcheck disable=SC2086  # SIZES is a word list
     timeout -k 5 "${STEP_TIMEOUT:-90}" "$PY" bench/gpu_step.py --device "$DEVICE" --sizes $SIZES --batch "$BATCH" \
-        --warmup "$WARMUP" --steps "$STEPS" --out-md "$OUT/gpu-step.md"
+        --warmup "$WARMUP" --steps "$STEPS" --profile-rows "${PROFILE_ROWS:-25}" --out-md "$OUT/gpu-step.md"
     echo "== gpu_step exit $?"
     OUT="$OUT" DEVICE="$DEVICE" SIZES="$SIZES" BATCH="$BATCH" WARMUP="$WARMUP" STEPS="$STEPS" LIBS="$LIBS" \
         TIMEOUT="${TRAIN_TIMEOUT:-110}" PYTHON="$PY" bash bench/gpu_train_bench.sh

@@ -21,6 +21,7 @@ It prints as it goes and writes the markdown report at the end (partial reports 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,11 +95,14 @@ def selection(pre: torch.Tensor, k: int, device: str, reps: int) -> dict:
     }
 
 
-def steps(d_in, n_latents, k, batch, device, warmup, reps, grouped: bool) -> float:
-    """Seconds per Trainer step with the grouped selection on or off."""
-    original = activations._group_size
+def steps(d_in, n_latents, k, batch, device, warmup, reps, *, grouped: bool = True, kernels: bool = True) -> float:
+    """Seconds per Trainer step; `grouped` off: plain torch.topk selection; `kernels` off: PyTorch's
+    embedding_bag and row operations instead of mri's Triton kernels (MRI_TRITON=0)."""
+    original, env = activations._group_size, os.environ.get("MRI_TRITON")
     if not grouped:
         activations._group_size = lambda n, k: None
+    if not kernels:
+        os.environ["MRI_TRITON"] = "0"
     try:
         t = trainer(d_in, n_latents, k, batch, warmup + reps + 8, device)
         data = activations_batches(d_in, batch, 4, device)
@@ -106,6 +110,33 @@ def steps(d_in, n_latents, k, batch, device, warmup, reps, grouped: bool) -> flo
         return _timed(lambda: t.train_step({"x": data[next(i) % 4]}), device, warmup, reps)
     finally:
         activations._group_size = original
+        if env is None:
+            os.environ.pop("MRI_TRITON", None)
+        else:
+            os.environ["MRI_TRITON"] = env
+
+
+def kernels_agree(device: str, n_steps: int = 5) -> str:
+    """Train n_steps at 256 x 4,096 (k 32, 1,024 tokens) with and without the Triton kernels from the same
+    start on the same batches; the largest weight difference and both FVUs, as a line of the report."""
+    out = {}
+    for kernels in (True, False):
+        env = os.environ.get("MRI_TRITON")
+        if not kernels:
+            os.environ["MRI_TRITON"] = "0"
+        try:
+            t = trainer(256, 4096, 32, 1024, n_steps, device)
+            for x in activations_batches(256, 1024, n_steps, device):
+                t.train_step({"x": x})
+            out[kernels] = (t.dicts[0], t.metrics[0]["fvu"])
+        finally:
+            os.environ.pop("MRI_TRITON", None) if env is None else os.environ.__setitem__("MRI_TRITON", env)
+    (a, fa), (b, fb) = out[True], out[False]
+    diff = max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+    return (
+        f"Triton kernels vs PyTorch's after {n_steps} steps at 256 x 4,096 latents: largest weight difference "
+        f"{diff:.2e}, last FVU {fa:.5f} vs {fb:.5f}."
+    )
 
 
 def gemm(d_in: int, n_latents: int, batch: int, device: str) -> float:
@@ -137,11 +168,19 @@ def profile(d_in, n_latents, k, batch, device, rows: int) -> tuple[str, str]:
     key = "self_device_time_total" if device != "cpu" else "self_cpu_time_total"
     if device != "cpu" and not hasattr(events[0], key):  # an older profiler: self_cuda_time_total
         key = "self_cuda_time_total"
-    busy = sum(getattr(e, key) for e in events) / 5 / 1e6
+    if device != "cpu":  # the kernels themselves (an aten op's device time repeats its kernels')
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 5 / 1e6
+        launched = f"{len(kernels) / 5:.0f} kernels"
+    else:
+        busy = sum(getattr(e, key) for e in events) / 5 / 1e6
+        launched = f"{sum(e.count for e in events if e.key.startswith('aten::')) / 5:.0f} aten calls"
     what = "device" if device != "cpu" else "host"
     line = (
         f"{what} busy {busy * 1e3:.2f} ms of each step's {wall * 1e3:.2f} ms wall time under the profiler "
-        f"({busy / wall:.0%}); {sum(e.count for e in events if e.key.startswith('aten::')) / 5:.0f} aten calls a step"
+        f"({busy / wall:.0%}); {launched} a step"
     )
     return events.table(sort_by=key, row_limit=rows), line
 
@@ -155,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100, help="timed steps")
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--profile-all", action="store_true", help="profile every size (default: the first)")
     p.add_argument("--out-md", help="write the report here (default: print only)")
     p.add_argument("--results", action="store_true", help="also replace its section of bench/RESULTS.md")
     args = p.parse_args(argv)
@@ -177,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.warmup} warm-up then {args.steps} timed steps",
         "",
         "| d_in x latents | topk ms | grouped ms | same values | batch-wide topk ms | batch-wide grouped ms "
-        "| step ms, topk | step ms, grouped | M tok/s, grouped | GEMM ms | share of 3-GEMM bound |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| step ms, torch.topk | step ms, no Triton kernels | step ms, mri | M tok/s, mri | GEMM ms "
+        "| share of 3-GEMM bound |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     tables = []
 
@@ -195,7 +236,17 @@ def main(argv: list[str] | None = None) -> int:
                 old = old[:start] + (old[end + 1 :] if end != -1 else "")
             results.write_text(old.rstrip("\n") + "\n\n" + text)
 
-    for size in args.sizes:
+    floor = steps(64, 2048, args.k, 256, args.device, args.warmup, args.steps)
+    lines.insert(
+        5,
+        f"The same step at d_in 64 x 2,048 latents, 256 tokens (almost no device work: the host's cost of "
+        f"issuing a step): {floor * 1e3:.2f} ms.\n",
+    )
+    print("launch floor", f"{floor * 1e3:.2f} ms", flush=True)
+    agree = kernels_agree(args.device)
+    lines.insert(6, agree + "\n")
+    print(agree, flush=True)
+    for i_size, size in enumerate(args.sizes):
         d_in, n = (int(v) for v in size.split("x"))
         with torch.no_grad():
             x = activations_batches(d_in, args.batch, 1, args.device)[0]
@@ -212,17 +263,22 @@ def main(argv: list[str] | None = None) -> int:
         del pre, sae, x
         plain = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, grouped=False)
         print(size, "step with torch.topk", f"{plain * 1e3:.2f} ms", flush=True)
-        grouped = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, grouped=True)
-        print(size, "step grouped", f"{grouped * 1e3:.2f} ms", flush=True)
+        no_kernels = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, kernels=False)
+        print(size, "step without the Triton kernels", f"{no_kernels * 1e3:.2f} ms", flush=True)
+        grouped = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps)
+        print(size, "step (mri's default)", f"{grouped * 1e3:.2f} ms", flush=True)
         g = gemm(d_in, n, args.batch, args.device)
         bound = args.batch / (3 * g)
         tok = args.batch / grouped
         lines.append(
             f"| {d_in} x {n:,} | {sel['plain_ms']:.3f} | {sel['grouped_ms']:.3f} | {'yes' if sel['same'] else 'NO'} "
-            f"| {sel['batch_plain_ms']:.1f} | {sel['batch_grouped_ms']:.1f} | {plain * 1e3:.2f} | {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} |"
+            f"| {sel['batch_plain_ms']:.1f} | {sel['batch_grouped_ms']:.1f} | {plain * 1e3:.2f} | {no_kernels * 1e3:.2f} "
+            f"| {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} |"
         )
         print(lines[-1], flush=True)
         write()
+        if i_size and not args.profile_all:
+            continue
         table, busy = profile(d_in, n, args.k, args.batch, args.device, args.profile_rows)
         print(busy, flush=True)
         tables += [

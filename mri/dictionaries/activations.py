@@ -42,22 +42,25 @@ def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """(rows, k) column indices of the k largest values of each row of x (rows, n), in no order.
 
     Exact (up to which of equal values is taken), in two small selections instead of one over n: the row
-    is cut into groups of g columns and the k groups with the largest maxima are kept, since every one of
-    the row's k largest values lies in one of them (the k kept maxima are k values at least as large as
-    the k-th kept one, and any value above it lies in a group whose maximum is above it); then the k
-    largest of those k * g candidates. A selection over 32,768 latents becomes one over 1,024 group maxima
-    and one over 1,024 candidates, after a max-reduction that reads the row once: radix selection over a
-    long row is the costliest kernel of a TopK step on a GPU after the encoder product.
+    is cut into m = n / g groups of g columns, group i holding the strided columns i, i + m, i + 2m, ...,
+    and the k groups with the largest maxima are kept, since every one of the row's k largest values lies
+    in one of them (the k kept maxima are k values at least as large as the k-th kept one, and any value
+    above it lies in a group whose maximum is above it); then the k largest of those k * g candidates. A
+    selection over 32,768 latents becomes one over 1,024 group maxima and one over 1,024 candidates, after
+    a max-reduction that reads the row once. Strided groups, not runs of adjacent columns, so that the
+    reduction runs across (batch, g, m)'s middle dimension with contiguous loads: a max over an innermost
+    dimension of 32 bf16 values took longer on an H100 (1.2 ms at 4,096 x 32,768) than torch.topk itself.
     """
     rows, n = x.shape
     g = _group_size(n, k)
     if g is None:
         return x.topk(k, dim=1, sorted=False).indices
-    groups = x.reshape(rows, n // g, g)
-    best = groups.amax(2).topk(k, dim=1, sorted=False).indices
-    candidates = groups.gather(1, best.unsqueeze(2).expand(rows, k, g)).reshape(rows, k * g)
-    pick = candidates.topk(k, dim=1, sorted=False).indices
-    return best.gather(1, torch.div(pick, g, rounding_mode="floor")) * g + pick % g
+    m = n // g
+    groups = x.reshape(rows, g, m)  # groups[r, t, i] = x[r, t * m + i]
+    best = groups.amax(1).topk(k, dim=1, sorted=False).indices
+    candidates = groups.gather(2, best.unsqueeze(1).expand(rows, g, k)).reshape(rows, g * k)
+    pick = candidates.topk(k, dim=1, sorted=False).indices  # pick = t * k + j: x[r, t * m + best[r, j]]
+    return torch.div(pick, k, rounding_mode="floor") * m + best.gather(1, pick % k)
 
 
 def topk_pairs(pre: torch.Tensor, k: int) -> Pairs:

@@ -3,12 +3,36 @@
 Neither builds a dense (batch, n_latents) gradient. Active latents are held as flat (row, latent) pairs
 sorted by row, so the same kernels serve TopK (k per row), BatchTopK (a varying count per row) and AuxK.
 Nothing here reads a value back to the host, so on CUDA a training step queues without waiting on the card.
+On CUDA the gathers and scatters run as Triton kernels (`mri.dictionaries.triton_kernels`), which came out
+several times faster than `F.embedding_bag` and its backward; set MRI_TRITON=0 to use PyTorch's instead.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
+
+
+@functools.cache
+def _triton():
+    """The Triton kernels module, or None where Triton is missing."""
+    try:
+        from mri.dictionaries import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def triton_for(t: torch.Tensor):
+    """The Triton kernels module when t lives on a CUDA device and Triton can run there, else None. Under
+    TRITON_INTERPRET=1 (Triton's interpreter, for tests) CPU tensors get the kernels too; MRI_TRITON=0
+    turns them off (PyTorch's kernels everywhere)."""
+    if os.environ.get("MRI_TRITON") == "0":
+        return None
+    return _triton() if t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
 def row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -21,7 +45,10 @@ def row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 def bag_sum(
     indices: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """(n_bags, d): for each bag, sum of weights[j] * table[indices[j]] over the j in that bag."""
+    """(n_bags, d): for each bag, sum of weights[j] * table[indices[j]] over the j in that bag (no grad)."""
+    kernels = triton_for(table)
+    if kernels is not None:
+        return kernels.bag_sum(indices, table, offsets, weights)
     return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
@@ -50,9 +77,7 @@ class GatherPreacts(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = bag_sum(latents, W.float(), offsets, g).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            order = torch.argsort(latents, stable=True)
-            by_latent = latents[order]
-            latent_offsets = row_offsets(by_latent, ctx.n_latents)
+            order, latent_offsets = by_latent(latents, ctx.n_latents)
             if ctx.needs_input_grad[1]:
                 grad_W = bag_sum(rows[order], x.float(), latent_offsets, g[order]).to(W.dtype)
             if ctx.needs_input_grad[2]:
@@ -73,8 +98,42 @@ def gather_preacts(
     return GatherPreacts.apply(x, W, b, rows, latents, offsets, pre[rows, latents].float())
 
 
+def by_latent(latents: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): the pairs' order sorted by latent (stable) and each latent's start in that order."""
+    order = torch.argsort(latents, stable=True)
+    return order, row_offsets(latents[order], n_latents)
+
+
+class SparseDecode(torch.autograd.Function):
+    """out[r] = sum over pairs (r, l) of v * W[l], with the backward as two gathers (the Triton path):
+      grad_v[j] = g[r_j] . W[l_j]                     (pair_dots)
+      grad_W[l] = sum over pairs (r, l) of v * g[r]   (bag_sum over pairs sorted by latent)
+    """
+
+    @staticmethod
+    def forward(ctx, latents, values, offsets, W):
+        ctx.save_for_backward(latents, values, offsets, W)
+        return bag_sum(latents, W, offsets, values)
+
+    @staticmethod
+    def backward(ctx, g):
+        latents, values, offsets, W = ctx.saved_tensors
+        kernels = triton_for(W)
+        positions = torch.arange(latents.shape[0], device=latents.device, dtype=offsets.dtype)
+        rows = torch.searchsorted(offsets.contiguous(), positions, right=True) - 1
+        grad_v = grad_W = None
+        if ctx.needs_input_grad[1]:
+            grad_v = kernels.pair_dots(rows, g, latents, W).to(values.dtype)
+        if ctx.needs_input_grad[3]:
+            order, latent_offsets = by_latent(latents, W.shape[0])
+            grad_W = kernels.bag_sum(rows[order], g.to(W.dtype), latent_offsets, values[order])
+        return None, grad_v, None, grad_W
+
+
 def sparse_decode(
     latents: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, W_dec: torch.Tensor
 ) -> torch.Tensor:
     """(batch, d_out) sum over each row's active latents of value * W_dec[latent]; no bias."""
-    return bag_sum(latents, W_dec, offsets, values)
+    if triton_for(W_dec) is not None:
+        return SparseDecode.apply(latents, values.to(W_dec.dtype), offsets, W_dec)
+    return F.embedding_bag(latents, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype))
