@@ -67,12 +67,18 @@ def activations_batches(d_in: int, batch: int, n: int, device: str) -> list[torc
     return [(torch.randn(batch, d_in, generator=g) * scale + offset).to(device) for _ in range(n)]
 
 
-def trainer(d_in: int, n_latents: int, k: int, batch: int, steps: int, device: str) -> Trainer:
+def trainer(
+    d_in: int, n_latents: int, k: int, batch: int, steps: int, device: str, *, graphs: bool = True
+) -> Trainer:
     cfg = DictConfig(
         kind="sae", arch="topk", d_in=d_in, n_latents=n_latents, k=k, sites_in=["x"], sites_out=["x"]
     )
     train = TrainConfig(
-        tokens=steps * batch, batch_size=batch, autocast=device != "cpu", dead_tokens=10_000_000
+        tokens=steps * batch,
+        batch_size=batch,
+        autocast=device != "cpu",
+        dead_tokens=10_000_000,
+        cuda_graphs=graphs,
     )
     return Trainer([SparseCoder(cfg, seed=0)], train, device=device)
 
@@ -95,16 +101,29 @@ def selection(pre: torch.Tensor, k: int, device: str, reps: int) -> dict:
     }
 
 
-def steps(d_in, n_latents, k, batch, device, warmup, reps, *, grouped: bool = True, kernels: bool = True) -> float:
+def steps(
+    d_in,
+    n_latents,
+    k,
+    batch,
+    device,
+    warmup,
+    reps,
+    *,
+    grouped: bool = True,
+    kernels: bool = True,
+    graphs: bool = True,
+) -> float:
     """Seconds per Trainer step; `grouped` off: plain torch.topk selection; `kernels` off: PyTorch's
-    embedding_bag and row operations instead of mri's Triton kernels (MRI_TRITON=0)."""
+    embedding_bag and row operations instead of mri's Triton kernels (MRI_TRITON=0); `graphs` off: every
+    step issued kernel by kernel, not replayed from a captured CUDA graph."""
     original, env = activations._group_size, os.environ.get("MRI_TRITON")
     if not grouped:
         activations._group_size = lambda n, k: None
     if not kernels:
         os.environ["MRI_TRITON"] = "0"
     try:
-        t = trainer(d_in, n_latents, k, batch, warmup + reps + 8, device)
+        t = trainer(d_in, n_latents, k, batch, warmup + reps + 8, device, graphs=graphs)
         data = activations_batches(d_in, batch, 4, device)
         i = iter(range(10**9))
         return _timed(lambda: t.train_step({"x": data[next(i) % 4]}), device, warmup, reps)
@@ -116,26 +135,37 @@ def steps(d_in, n_latents, k, batch, device, warmup, reps, *, grouped: bool = Tr
             os.environ["MRI_TRITON"] = env
 
 
-def kernels_agree(device: str, n_steps: int = 5) -> str:
-    """Train n_steps at 256 x 4,096 (k 32, 1,024 tokens) with and without the Triton kernels from the same
-    start on the same batches; the largest weight difference and both FVUs, as a line of the report."""
+def kernels_agree(device: str, n_steps: int = 6) -> str:
+    """Train n_steps at 256 x 4,096 (k 32, 1,024 tokens) as mri does by default (Triton kernels, steps
+    replayed from a CUDA graph after the first two), with PyTorch's kernels instead, and with every step
+    issued eagerly, from the same start on the same batches; the largest weight differences and the FVUs."""
     out = {}
-    for kernels in (True, False):
+    for name, kernels, graphs in (
+        ("mri", True, True),
+        ("no Triton", False, True),
+        ("no graphs", True, False),
+    ):
         env = os.environ.get("MRI_TRITON")
         if not kernels:
             os.environ["MRI_TRITON"] = "0"
         try:
-            t = trainer(256, 4096, 32, 1024, n_steps, device)
+            t = trainer(256, 4096, 32, 1024, n_steps, device, graphs=graphs)
             for x in activations_batches(256, 1024, n_steps, device):
                 t.train_step({"x": x})
-            out[kernels] = (t.dicts[0], t.metrics[0]["fvu"])
+            out[name] = (t.dicts[0], t.metrics[0]["fvu"], bool(t._graph))
         finally:
             os.environ.pop("MRI_TRITON", None) if env is None else os.environ.__setitem__("MRI_TRITON", env)
-    (a, fa), (b, fb) = out[True], out[False]
-    diff = max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+    base, fvu, captured = out["mri"]
+    parts = []
+    for name in ("no Triton", "no graphs"):
+        other, other_fvu, _ = out[name]
+        diff = max(
+            (a - b).abs().max().item() for a, b in zip(base.parameters(), other.parameters(), strict=True)
+        )
+        parts.append(f"{name}: largest weight difference {diff:.2e}, last FVU {other_fvu:.5f}")
     return (
-        f"Triton kernels vs PyTorch's after {n_steps} steps at 256 x 4,096 latents: largest weight difference "
-        f"{diff:.2e}, last FVU {fa:.5f} vs {fb:.5f}."
+        f"mri's default step (CUDA graph captured: {'yes' if captured else 'no'}) after {n_steps} steps at 256 x "
+        f"4,096 latents, last FVU {fvu:.5f}, against " + "; ".join(parts) + "."
     )
 
 
@@ -152,7 +182,7 @@ def profile(d_in, n_latents, k, batch, device, rows: int) -> tuple[str, str]:
     much of each step's wall time the device was busy: far below 100% means the host's launches bound it."""
     from torch.profiler import ProfilerActivity
 
-    t = trainer(d_in, n_latents, k, batch, 40, device)
+    t = trainer(d_in, n_latents, k, batch, 40, device, graphs=False)  # kernel by kernel, to be listed
     data = activations_batches(d_in, batch, 4, device)
     for i in range(5):
         t.train_step({"x": data[i % 4]})
@@ -217,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.warmup} warm-up then {args.steps} timed steps",
         "",
         "| d_in x latents | topk ms | grouped ms | same values | batch-wide topk ms | batch-wide grouped ms "
-        "| step ms, torch.topk | step ms, no Triton kernels | step ms, mri | M tok/s, mri | GEMM ms "
-        "| share of 3-GEMM bound |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| step ms, torch.topk | step ms, no Triton kernels | step ms, no CUDA graphs | step ms, mri "
+        "| M tok/s, mri | GEMM ms | share of 3-GEMM bound |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     tables = []
 
@@ -237,12 +267,18 @@ def main(argv: list[str] | None = None) -> int:
             results.write_text(old.rstrip("\n") + "\n\n" + text)
 
     floor = steps(64, 2048, args.k, 256, args.device, args.warmup, args.steps)
+    floor_eager = steps(64, 2048, args.k, 256, args.device, args.warmup, args.steps, graphs=False)
+    how = (
+        f"{floor * 1e3:.2f} ms replayed from a CUDA graph, {floor_eager * 1e3:.2f} ms issued kernel by kernel"
+        if args.device != "cpu"
+        else f"{floor_eager * 1e3:.2f} ms (CUDA graphs are for CUDA devices only)"
+    )
     lines.insert(
         5,
         f"The same step at d_in 64 x 2,048 latents, 256 tokens (almost no device work: the host's cost of "
-        f"issuing a step): {floor * 1e3:.2f} ms.\n",
+        f"issuing a step): {how}.\n",
     )
-    print("launch floor", f"{floor * 1e3:.2f} ms", flush=True)
+    print("launch floor", f"{floor * 1e3:.2f} ms; without graphs {floor_eager * 1e3:.2f} ms", flush=True)
     agree = kernels_agree(args.device)
     lines.insert(6, agree + "\n")
     print(agree, flush=True)
@@ -265,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         print(size, "step with torch.topk", f"{plain * 1e3:.2f} ms", flush=True)
         no_kernels = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, kernels=False)
         print(size, "step without the Triton kernels", f"{no_kernels * 1e3:.2f} ms", flush=True)
+        eager = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, graphs=False)
+        print(size, "step without CUDA graphs", f"{eager * 1e3:.2f} ms", flush=True)
         grouped = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps)
         print(size, "step (mri's default)", f"{grouped * 1e3:.2f} ms", flush=True)
         g = gemm(d_in, n, args.batch, args.device)
@@ -273,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {d_in} x {n:,} | {sel['plain_ms']:.3f} | {sel['grouped_ms']:.3f} | {'yes' if sel['same'] else 'NO'} "
             f"| {sel['batch_plain_ms']:.1f} | {sel['batch_grouped_ms']:.1f} | {plain * 1e3:.2f} | {no_kernels * 1e3:.2f} "
-            f"| {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} |"
+            f"| {eager * 1e3:.2f} | {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} |"
         )
         print(lines[-1], flush=True)
         write()
@@ -282,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         table, busy = profile(d_in, n, args.k, args.batch, args.device, args.profile_rows)
         print(busy, flush=True)
         tables += [
-            f"kernels of 5 grouped steps at {d_in} x {n:,}, by own device time; {busy}:",
+            f"kernels of 5 steps at {d_in} x {n:,} issued kernel by kernel (no CUDA graph), by own device time; {busy}:",
             "",
             "```",
             table,

@@ -183,3 +183,23 @@ def test_batchtopk_selection_over_the_flattened_batch_matches_one_plain_selectio
     top = pre.reshape(-1).topk(8 * 128)
     want = top.indices[top.values > 0].sort().values
     assert torch.equal(pairs.rows * 4096 + pairs.latents, want)
+
+
+def test_centred_input_gets_its_gradient_from_the_bias_gradient():
+    """gather_preacts with `center`: the centre's gradient, -(grad_b @ W), equals what autograd gives
+    through x_raw - center for every row."""
+    torch.manual_seed(0)
+    x_raw, W = torch.randn(12, 8), torch.randn(40, 8, requires_grad=True)
+    b, c = torch.randn(40, requires_grad=True), torch.randn(8, requires_grad=True)
+    with torch.no_grad():
+        pre = torch.addmm(b, x_raw - c, W.T)
+    pairs = topk_pairs(pre, 3)
+    weights = torch.randn(pairs.rows.shape[0])
+    (gather_preacts((x_raw - c).detach(), W, b, pre, *pairs, center=c) * weights).sum().backward()
+    got = c.grad.clone(), W.grad.clone(), b.grad.clone()
+    for t in (W, b, c):
+        t.grad = None
+    (gather_preacts(x_raw - c, W, b, pre, *pairs) * weights).sum().backward()
+    for g, want in zip(got, (c.grad, W.grad, b.grad), strict=True):
+        torch.testing.assert_close(g, want)
+    assert c.grad.abs().max() > 0

@@ -48,7 +48,9 @@ def test_bag_sum_matches_embedding_bag(kernels):
     # a bf16 table: rows read in bf16, summed in fp32
     got = kernels.bag_sum(idx, table.bfloat16(), torch.arange(0, bags * k, k), w)
     assert got.dtype == torch.bfloat16
-    want = F.embedding_bag(idx, table.bfloat16().float(), torch.arange(0, bags * k, k), mode="sum", per_sample_weights=w)
+    want = F.embedding_bag(
+        idx, table.bfloat16().float(), torch.arange(0, bags * k, k), mode="sum", per_sample_weights=w
+    )
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
 
 
@@ -106,3 +108,4 @@ def test_training_through_the_kernels_matches_pytorch(kernels, monkeypatch):
     for name, p in plain.named_parameters():
         torch.testing.assert_close(getattr(with_kernels, name), p, atol=2e-5, rtol=1e-4, msg=name)
     assert (with_kernels.W_dec.norm(dim=1) - 1).abs().max() < 1e-5
+

@@ -158,6 +158,8 @@ class TrainConfig:
     """bf16 autocast for the compute (fp32 master weights); meant for GPUs."""
     sparse_kernels: bool = True
     """TopK/BatchTopK: the encoder backward and decoder touch only active latents."""
+    cuda_graphs: bool = True
+    """TopK on one CUDA device: capture a step as a CUDA graph and replay it while no latent is dead."""
     seed: int = 0
     checkpoint_every: int = 0
     """Write a resumable checkpoint every this many steps (0: only at the end of `fit`)."""

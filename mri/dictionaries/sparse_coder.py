@@ -116,8 +116,12 @@ def encode_latents(
     sparse_kernels: bool = True,
     ranks: Ranks | None = None,
     magnitude: tuple[torch.Tensor, torch.Tensor] | None = None,
+    center: torch.Tensor | None = None,
 ) -> tuple[Latents, torch.Tensor]:
     """Latents of x (batch, d_in) under encoder W (n_latents, d_in), b; also the pre-activations.
+
+    `center`: x is x_raw - center (an SAE's b_dec) and x_raw needs no gradient; the sparse path then
+    gives center its gradient in one product (`GatherPreacts`) instead of through a gradient for every x.
 
     The pre-activations are returned without grad for TopK and BatchTopK (their grads flow through the
     gathered pairs only, unless `sparse_kernels` is off, the dense reference path). BatchTopK in training
@@ -140,7 +144,10 @@ def encode_latents(
         else:
             pairs = threshold_pairs(pre.detach(), threshold)
         if sparse_kernels:
-            picked = gather_preacts(x, W, b, pre, *pairs)
+            if center is not None:
+                picked = gather_preacts(x.detach(), W, b, pre, *pairs, center=center)
+            else:
+                picked = gather_preacts(x, W, b, pre, *pairs)
         else:
             picked = pre[pairs.rows, pairs.latents]
         return Latents(torch.relu(picked), pairs), pre.detach()
@@ -294,6 +301,7 @@ class SparseCoder(nn.Module):
             sparse_kernels=sparse_kernels,
             ranks=ranks,
             magnitude=(self.r_mag, self.b_mag) if cfg.arch == "gated" else None,
+            center=self.b_dec if cfg.kind == "sae" and not x.requires_grad else None,
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -407,14 +415,16 @@ class SparseCoder(nn.Module):
                 g.addcmul_(w, (g * w).sum(1, keepdim=True), value=-1)  # in place: one (n, d) temporary
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Rescale decoder rows to unit norm (after each optimizer step)."""
+    def normalize_decoder(self, skip: torch.Tensor | None = None) -> None:
+        """Rescale decoder rows to unit norm (after each optimizer step); not where the one-element tensor
+        `skip` is nonzero (a step skipped on the device, inside a CUDA graph)."""
         if self.unit_norm:
             kernels = _row_kernels(self.W_dec)
             if kernels is not None:
-                kernels.normalize_rows(self.W_dec)
+                kernels.normalize_rows(self.W_dec, skip)
             else:
-                self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                norm = self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                self.W_dec /= norm if skip is None else torch.where(skip != 0, 1.0, norm)
 
     @torch.no_grad()
     def set_output_bias(self, layer: int, bias: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +58,18 @@ class GatherPreacts(torch.autograd.Function):
 
     The caller computes pre = x @ W.T + b once without grad, picks pairs from it, and passes their
     values in; forward returns them. Backward, given g (nnz,):
-      grad_x[r]   = sum over pairs (r, l) of g * W[l]      (embedding_bag over rows)
-      grad_W[l]   = sum over pairs (r, l) of g * x[r]      (embedding_bag over latents, pairs sorted by l)
+      grad_x[r]   = sum over pairs (r, l) of g * W[l]      (a bag sum over rows)
+      grad_W[l]   = sum over pairs (r, l) of g * x[r]      (a bag sum over latents, pairs sorted by l)
       grad_b[l]   = sum over pairs (r, l) of g
+      grad_c      = -grad_b @ W, where x = x_raw - c       (an SAE's input centred by its b_dec)
+    The last is the sum over rows of -grad_x, as one (n_latents,) x (n_latents, d) product instead of a
+    gather of every pair's encoder row: where x itself needs no gradient, pass it detached with `center`.
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, rows, latents, offsets, picked):
-        # x (batch, d_in); W (n_latents, d_in); b (n_latents,); rows, latents, picked (nnz,); offsets (batch,)
+    def forward(ctx, x, W, b, center, rows, latents, offsets, picked):
+        # x (batch, d_in); W (n_latents, d_in); b (n_latents,); center (d_in,) or None;
+        # rows, latents, picked (nnz,); offsets (batch,)
         ctx.save_for_backward(x, W, rows, latents, offsets)
         ctx.n_latents = b.shape[0]
         return picked.clone()
@@ -73,16 +78,17 @@ class GatherPreacts(torch.autograd.Function):
     def backward(ctx, g):
         x, W, rows, latents, offsets = ctx.saved_tensors
         g = g.float()
-        grad_x = grad_W = grad_b = None
+        grad_x = grad_W = grad_b = grad_c = None
         if ctx.needs_input_grad[0]:
             grad_x = bag_sum(latents, W.float(), offsets, g).to(x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1]:
             order, latent_offsets = by_latent(latents, ctx.n_latents)
-            if ctx.needs_input_grad[1]:
-                grad_W = bag_sum(rows[order], x.float(), latent_offsets, g[order]).to(W.dtype)
-            if ctx.needs_input_grad[2]:
-                grad_b = torch.zeros(ctx.n_latents, device=g.device, dtype=g.dtype).index_add_(0, latents, g)
-        return grad_x, grad_W, grad_b, None, None, None, None
+            grad_W = bag_sum(rows[order], x.float(), latent_offsets, g[order]).to(W.dtype)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(ctx.n_latents, device=g.device, dtype=g.dtype).index_add_(0, latents, g)
+            if ctx.needs_input_grad[3]:
+                grad_c = -(grad_b @ W.float())
+        return grad_x, grad_W, grad_b, grad_c, None, None, None, None
 
 
 def gather_preacts(
@@ -93,15 +99,33 @@ def gather_preacts(
     rows: torch.Tensor,
     latents: torch.Tensor,
     offsets: torch.Tensor,
+    *,
+    center: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(nnz,) pre[rows, latents] with gradients to x, W and b through those pairs only (pre has no grad)."""
-    return GatherPreacts.apply(x, W, b, rows, latents, offsets, pre[rows, latents].float())
+    """(nnz,) pre[rows, latents] with gradients to x, W and b through those pairs only (pre has no grad);
+    with `center`, x is x_raw - center and center gets its gradient (see GatherPreacts)."""
+    return GatherPreacts.apply(x, W, b, center, rows, latents, offsets, pre[rows, latents].float())
+
+
+_last_sort: tuple | None = None
+"""The latest `by_latent` result, with a weak reference to its input and the input's version."""
 
 
 def by_latent(latents: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, offsets): the pairs' order sorted by latent (stable) and each latent's start in that order."""
-    order = torch.argsort(latents, stable=True)
-    return order, row_offsets(latents[order], n_latents)
+    """(order, offsets): the pairs' order sorted by latent (stable) and each latent's start in that order.
+
+    The decoder's and the encoder's backward both sort the same pairs: the second call reuses the first's
+    sort while `latents` is the same, unmodified tensor."""
+    global _last_sort
+    last = _last_sort
+    if last is not None and last[0]() is latents and last[1] == (latents._version, n_latents):
+        return last[2], last[3]
+    # int32 keys where they fit: half the radix passes of int64's
+    keys = latents.int() if n_latents < 2**31 else latents
+    order = torch.argsort(keys, stable=True)
+    offsets = row_offsets(latents[order], n_latents)
+    _last_sort = (weakref.ref(latents), (latents._version, n_latents), order, offsets)
+    return order, offsets
 
 
 class SparseDecode(torch.autograd.Function):

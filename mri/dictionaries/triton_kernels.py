@@ -80,8 +80,11 @@ def _remove_parallel_kernel(g_ptr, w_ptr, d, stride_g, stride_w, BLOCK_D: tl.con
 
 
 @triton.jit
-def _normalize_rows_kernel(w_ptr, d, stride_w, BLOCK_D: tl.constexpr):
+def _normalize_rows_kernel(w_ptr, skip_ptr, d, stride_w, BLOCK_D: tl.constexpr, HAS_SKIP: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0:
+            return
     cols = tl.arange(0, BLOCK_D)
     cm = cols < d
     w = tl.load(w_ptr + r * stride_w + cols, mask=cm, other=0.0).to(tl.float32)
@@ -108,11 +111,15 @@ def bag_sum(
     if n_bags == 0 or d == 0:
         return out
     table = table if table.stride(1) == 1 else table.contiguous()
-    grid = (n_bags, triton.cdiv(d, _BLOCK_D))
+    block_j = _bag_block(nnz, n_bags)
+    # small bags (the weight gradients' ~4 pairs per latent): a whole row per program, as a third as many
+    # programs each waiting out the same chain of dependent loads (offsets, indices, rows)
+    block_d = min(1024, triton.next_power_of_2(d)) if block_j < 8 else _BLOCK_D
+    grid = (n_bags, triton.cdiv(d, block_d))
     _bag_sum_kernel[grid](
         indices.contiguous(), weights.contiguous(), offsets.contiguous(), table, out,
         nnz, n_bags, d, table.stride(0), out.stride(0),
-        BLOCK_J=_bag_block(nnz, n_bags), BLOCK_D=_BLOCK_D,
+        BLOCK_J=block_j, BLOCK_D=block_d,
     )  # fmt: skip
     return out
 
@@ -140,8 +147,13 @@ def remove_parallel(g: torch.Tensor, w: torch.Tensor) -> None:
         _remove_parallel_kernel[(n,)](g, w, d, g.stride(0), w.stride(0), BLOCK_D=triton.next_power_of_2(d))
 
 
-def normalize_rows(w: torch.Tensor) -> None:
-    """In place: every row of w divided by its norm (at least 1e-12); rows of <= MAX_ROW."""
+def normalize_rows(w: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+    """In place: every row of w divided by its norm (at least 1e-12); rows of <= MAX_ROW. With `skip` (a
+    one-element tensor on w's device), nothing changes where it is nonzero: decided on the device, so a
+    captured CUDA graph can leave the weights of a step with a non-finite loss as they were."""
     n, d = w.shape
     if n:
-        _normalize_rows_kernel[(n,)](w, d, w.stride(0), BLOCK_D=triton.next_power_of_2(d))
+        _normalize_rows_kernel[(n,)](
+            w, w if skip is None else skip, d, w.stride(0),
+            BLOCK_D=triton.next_power_of_2(d), HAS_SKIP=skip is not None,
+        )  # fmt: skip

@@ -1,0 +1,110 @@
+"""The captured-step path of the Trainer (CUDA graphs), run on the CPU with a stand-in for the graph that
+re-runs the captured function on each replay: the static input buffers, the LR tensors, the switch to eager
+steps while latents are dead, and the on-device skip of a step whose loss is not finite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mri.dictionaries import DictConfig, SparseCoder, TrainConfig, Trainer
+from mri.dictionaries import trainer as trainer_module
+from mri.errors import MriError
+
+
+class _Rerun:
+    """Stands in for `_CudaReplay`: capturing runs nothing (as on a GPU), replaying runs the step."""
+
+    captured = 0
+
+    def __init__(self, step, stream):
+        self.step = step
+        type(self).captured += 1
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.step()
+
+
+def _trainer(graphs: bool, steps: int = 8, dead_tokens: int = 10**9) -> Trainer:
+    cfg = DictConfig(kind="sae", arch="topk", d_in=16, n_latents=96, k=4, sites_in=["x"], sites_out=["x"])
+    train = TrainConfig(tokens=steps * 64, batch_size=64, cuda_graphs=graphs, dead_tokens=dead_tokens)
+    return Trainer([SparseCoder(cfg, seed=0)], train)
+
+
+def _batches(n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(64, 16, generator=g) * torch.linspace(0.3, 2, 16)} for _ in range(n)]
+
+
+@pytest.fixture
+def rerun(monkeypatch):
+    monkeypatch.setattr(trainer_module, "_replay_factory", _Rerun)
+    _Rerun.captured = 0
+    return _Rerun
+
+
+@pytest.mark.parametrize("dead_tokens", [10**9, 3 * 64])
+def test_replayed_steps_train_as_eager_steps(rerun, dead_tokens):
+    """Same weights, metrics and Adam state as eager steps; with latents dying after 3 batches the steps
+    that need AuxK run eagerly and the replayed ones resume when none is dead."""
+    batches = _batches(8)
+    replayed, eager = _trainer(True, dead_tokens=dead_tokens), _trainer(False, dead_tokens=dead_tokens)
+    assert isinstance(replayed.optimizer.param_groups[0]["lr"], torch.Tensor)
+    assert not isinstance(eager.optimizer.param_groups[0]["lr"], torch.Tensor)
+    lr = replayed.optimizer.param_groups[0]["lr"]
+    for b in batches:
+        replayed.train_step(b)
+        eager.train_step(b)
+        assert replayed.metrics[0] == pytest.approx(eager.metrics[0], rel=1e-5, abs=1e-7)
+    assert rerun.captured == 1
+    graph = replayed._graph
+    if dead_tokens > 10**8:
+        assert graph.replays == 8 - Trainer.EAGER_BEFORE_CAPTURE
+    else:
+        assert eager.metrics[0]["dead"] > 0  # AuxK ran: those steps were eager
+        assert 0 < graph.replays < 8 - Trainer.EAGER_BEFORE_CAPTURE
+    for (name, a), b in zip(replayed.dicts[0].named_parameters(), eager.dicts[0].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    sa, sb = replayed.optimizer.state_dict()["state"], eager.optimizer.state_dict()["state"]
+    for p in sa:
+        torch.testing.assert_close(sa[p]["exp_avg"], sb[p]["exp_avg"], rtol=1e-5, atol=1e-7)
+        assert float(sa[p]["step"]) == float(sb[p]["step"]) == 8
+    # the LR schedule reaches a captured step through the tensor it was captured with, filled each step
+    assert replayed.optimizer.param_groups[0]["lr"] is lr
+    assert float(lr) == pytest.approx(eager.optimizer.param_groups[0]["lr"])
+    assert not replayed.optimizer.param_groups[0]["capturable"]  # only while capturing
+
+
+def test_a_replayed_step_with_a_non_finite_loss_leaves_the_weights(rerun):
+    t = _trainer(True)
+    for b in _batches(4):
+        t.train_step(b)
+    assert t._graph.replays == 2
+    before = {n: p.detach().clone() for n, p in t.dicts[0].named_parameters()}
+    steps = [float(s["step"]) for s in t.optimizer.state_dict()["state"].values()]
+    bad = _batches(1)[0]
+    bad["x"][5, 3] = float("nan")
+    with pytest.raises(MriError, match="NaN or inf activations at x"):
+        t.train_step(bad)
+    assert t._graph.replays == 3  # it ran as the captured step
+    for n, p in t.dicts[0].named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert [float(s["step"]) for s in t.optimizer.state_dict()["state"].values()] == steps
+    t.train_step(_batches(5)[4])  # and training goes on from there
+    assert all(torch.isfinite(p).all() for p in t.dicts[0].parameters())
+
+
+def test_checkpoints_of_a_captured_trainer_resume(rerun, tmp_path):
+    """The LR tensors are written as numbers and a resumed trainer (eager, here) goes on exactly."""
+    batches = _batches(6)
+    t = _trainer(True, steps=6)
+    t.fit(batches[:4], progress=False, until=4)
+    t.save_checkpoint(tmp_path / "ck")
+    again = Trainer.resume(tmp_path / "ck")
+    assert isinstance(again.optimizer.param_groups[0]["lr"], torch.Tensor)  # ready to capture again
+    t.fit(batches, progress=False)
+    again.fit(batches, progress=False)
+    for a, b in zip(t.dicts[0].parameters(), again.dicts[0].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
