@@ -109,3 +109,59 @@ def test_training_through_the_kernels_matches_pytorch(kernels, monkeypatch):
         torch.testing.assert_close(getattr(with_kernels, name), p, atol=2e-5, rtol=1e-4, msg=name)
     assert (with_kernels.W_dec.norm(dim=1) - 1).abs().max() < 1e-5
 
+
+def test_adam_rows_is_torch_adam_with_the_projection_and_renormalisation(kernels):
+    """One kernel = the decoder's gradient projection, torch's Adam step, the renormalisation; over
+    three steps, with the LR as a number and as a device tensor, and a skipped step changing nothing."""
+    g = torch.Generator().manual_seed(5)
+    w0 = F.normalize(torch.randn(40, 300, generator=g), dim=1)
+    ref = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.Adam([ref], lr=1e-2, betas=(0.9, 0.999))
+    w, m, v, step = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0), torch.zeros(())
+    for i in range(3):
+        grad = torch.randn(40, 300, generator=g)
+        ref.grad = grad - (grad * ref.detach()).sum(1, keepdim=True) * ref.detach()
+        opt.step()
+        with torch.no_grad():
+            ref /= ref.norm(dim=1, keepdim=True)
+        step += 1
+        lr = 1e-2 if i % 2 else torch.tensor(1e-2)
+        kernels.adam_rows(w, grad, m, v, step, lr, (0.9, 0.999), 1e-8, unit=True)
+        torch.testing.assert_close(w, ref.detach(), rtol=1e-5, atol=1e-6)
+    before = w.clone(), m.clone(), v.clone()
+    kernels.adam_rows(
+        w, torch.randn(40, 300), m, v, step + 1, 1e-2, (0.9, 0.999), 1e-8, unit=True, skip=torch.ones(())
+    )
+    for a, b in zip((w, m, v), before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_captured_step_through_the_kernels_skips_a_non_finite_loss(kernels, monkeypatch):
+    """The captured-step path (tests/test_dict_graphs.py's stand-in for the CUDA graph) with the kernels:
+    the one-pass decoder Adam skips the step on the device, its step count too."""
+    from mri.dictionaries import trainer as trainer_module
+    from mri.errors import MriError
+
+    class Rerun:
+        def __init__(self, step, stream):
+            self.step = step
+
+        def replay(self):
+            self.step()
+
+    monkeypatch.setattr(trainer_module, "_replay_factory", Rerun)
+    cfg = DictConfig(kind="sae", arch="topk", d_in=24, n_latents=128, k=4, sites_in=["x"], sites_out=["x"])
+    t = Trainer([SparseCoder(cfg, seed=0)], TrainConfig(tokens=8 * 64, batch_size=64, dead_tokens=10**9))
+    assert t._row_adam and t._graphs
+    g = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        t.train_step({"x": torch.randn(64, 24, generator=g)})
+    assert t._graph
+    before = {n: p.detach().clone() for n, p in t.dicts[0].named_parameters()}
+    bad = torch.randn(64, 24, generator=g)
+    bad[0, 0] = float("inf")
+    with pytest.raises(MriError):
+        t.train_step({"x": bad})
+    for n, p in t.dicts[0].named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert float(t.optimizer.state[t.dicts[0].W_dec]["step"]) == 3

@@ -98,6 +98,13 @@ def train(
     ] = TrainConfig.threshold_lr_scale,
     b_dec_init: Annotated[str, typer.Option("--b-dec-init", help="median | mean | zero.")] = "median",
     autocast: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast compute (GPU).")] = False,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="TopK on one CUDA device: replay each step from a captured CUDA graph (eager while latents are dead).",
+        ),
+    ] = True,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length when streaming from --model.")] = 128,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     checkpoint_every: Annotated[
@@ -161,6 +168,7 @@ def train(
             threshold_lr_scale=threshold_lr_scale,
             b_dec_init=b_dec_init,
             autocast=autocast,
+            cuda_graphs=cuda_graphs,
             ctx=ctx,
             seed=seed,
             checkpoint_every=checkpoint_every,
@@ -192,6 +200,7 @@ def _train(
     init_norm: float,
     threshold_lr_scale: float,
     autocast: bool,
+    cuda_graphs: bool = True,
     matryoshka: list[int] | None = None,
     ctx: int,
     seed: int,
@@ -236,6 +245,7 @@ def _train(
         threshold_lr_scale=threshold_lr_scale,
         b_dec_init=b_dec_init,
         autocast=autocast,
+        cuda_graphs=cuda_graphs,
         seed=seed,
         checkpoint_every=checkpoint_every,
     )
@@ -253,6 +263,7 @@ def _train(
     ckpt = out.with_name(out.name + ".ckpt")
     if resume and ckpt.is_dir():
         trainer = Trainer.resume(ckpt, device=dev, ranks=data, shards=shards)
+        trainer.set_cuda_graphs(cuda_graphs)
         changed = [
             f"dictionary {i}: {change}"
             for i, (old, new) in enumerate(zip([d.cfg for d in trainer.dicts], cfgs, strict=False))
@@ -260,7 +271,7 @@ def _train(
         ]
         if len(trainer.dicts) != len(cfgs):
             changed.append(f"dictionaries: {len(trainer.dicts)} -> {len(cfgs)}")
-        changed += differences(trainer.cfg, tcfg, ignore=("checkpoint_every",))
+        changed += differences(trainer.cfg, tcfg, ignore=("checkpoint_every", "cuda_graphs"))  # speed only
         if changed:
             raise MriError(
                 f"{ckpt} was trained with other settings than these options ask for ({'; '.join(changed)}); "

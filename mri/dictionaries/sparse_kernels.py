@@ -130,8 +130,8 @@ def by_latent(latents: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torc
 
 class SparseDecode(torch.autograd.Function):
     """out[r] = sum over pairs (r, l) of v * W[l], with the backward as two gathers (the Triton path):
-      grad_v[j] = g[r_j] . W[l_j]                     (pair_dots)
-      grad_W[l] = sum over pairs (r, l) of v * g[r]   (bag_sum over pairs sorted by latent)
+    grad_v[j] = g[r_j] . W[l_j]                     (pair_dots)
+    grad_W[l] = sum over pairs (r, l) of v * g[r]   (bag_sum over pairs sorted by latent)
     """
 
     @staticmethod

@@ -40,6 +40,7 @@ from mri.dictionaries.distributed import Ranks
 from mri.dictionaries.io import replace_folder
 from mri.dictionaries.sharding import ShardedSparseCoder, sharded_names
 from mri.dictionaries.sparse_coder import SparseCoder
+from mri.dictionaries.sparse_kernels import triton_for
 from mri.errors import MriError
 
 Dictionary = SparseCoder | CrossLayerTranscoder
@@ -182,7 +183,8 @@ class Trainer:
                     groups.append({"params": [p for _, p in part], "lr": group_lr, "base_lr": group_lr})
                     self._names += [(d, n) for n, _ in part]
         self.optimizer = torch.optim.Adam(groups, betas=cfg.adam_betas, fused=True)
-        self._graph_ready()
+        self._row_adam = self._find_row_adam()
+        """Decoders whose projection, Adam and renormalisation run as one kernel (`_update`)."""
         self.step = 0
         self.scales: list[dict[str, float]] | None = None
         """Per dictionary: site -> factor applied to its activations while training."""
@@ -194,10 +196,7 @@ class Trainer:
         """Per dictionary: the latest step's fvu, l0, auxk, sparsity and dead fraction."""
         self._graph: _Replay | None | bool = None
         """The captured step (None: not yet captured; False: capture failed or not possible)."""
-        self._graphs = self._graphable_setup()
-        """Whether steps may be captured and replayed."""
-        self._stream = torch.cuda.Stream(self.device) if self._graphs and self.device.type == "cuda" else None
-        """The side stream every step runs on when steps may be captured (capture needs one)."""
+        self.set_cuda_graphs(cfg.cuda_graphs)
 
     @property
     def sites(self) -> list[str]:
@@ -388,11 +387,69 @@ class Trainer:
         self._check_metrics(batch, host, coefs)
         for d in self.dicts:
             self.ranks.sum_grads(d.parameters())
-            d.remove_parallel_grads()
-        self.optimizer.step()
-        for d in self.dicts:
-            d.normalize_decoder()
+        self._update()
         return host, total
+
+    def _update(self, skip: torch.Tensor | None = None) -> None:
+        """The decoders' gradient projection, Adam, the decoders' renormalisation; with `skip` (a device
+        scalar, inside a captured step) none of it changes a weight where it is nonzero. A decoder listed
+        in `_row_adam` gets all three from one kernel; torch's fused Adam steps every other parameter."""
+        fused = {i for i, _, _ in self._row_adam}
+        for i, d in enumerate(self.dicts):
+            if i not in fused:
+                d.remove_parallel_grads()
+        hidden = [(p, p.grad) for _, p, _ in self._row_adam]
+        for p, _ in hidden:
+            p.grad = None  # torch's Adam passes over a parameter without a gradient
+        if skip is not None:
+            self.optimizer.found_inf = skip  # fused Adam skips its update where it is nonzero
+        try:
+            self.optimizer.step()
+        finally:
+            for p, g in hidden:
+                p.grad = g
+            if skip is not None:
+                del self.optimizer.found_inf
+        for _, p, group_index in self._row_adam:
+            if p.grad is not None:
+                self._adam_rows(p, self.optimizer.param_groups[group_index], skip)
+        for i, d in enumerate(self.dicts):
+            if i not in fused:
+                d.normalize_decoder(skip=skip)
+
+    def _adam_rows(self, p: torch.nn.Parameter, group: dict, skip: torch.Tensor | None) -> None:
+        """Adam for one unit-norm decoder through `triton_kernels.adam_rows`, on the optimizer's own state
+        (created as torch's fused Adam creates it, so checkpoints and a resume on another device agree)."""
+        state = self.optimizer.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"].add_(1)
+        triton_for(p).adam_rows(
+            p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+            group["betas"], group["eps"], unit=True, skip=skip,
+        )  # fmt: skip
+        if skip is not None:
+            state["step"].sub_(skip)  # as torch's fused Adam: a skipped step is not counted
+
+    def _find_row_adam(self) -> list[tuple[int, torch.nn.Parameter, int]]:
+        """(dictionary index, W_dec, its param group's index) for each unit-norm SparseCoder decoder on a
+        device with the Triton kernels, whose rows fit one program and whose group is plain Adam."""
+        out = []
+        for i, d in enumerate(self.dicts):
+            if not (isinstance(d, SparseCoder) and d.unit_norm) or triton_for(d.W_dec) is None:
+                continue
+            p = d.W_dec
+            if not p.is_contiguous() or p.dtype != torch.float32 or p.shape[1] > triton_for(p).MAX_ROW:
+                continue
+            for gi, g in enumerate(self.optimizer.param_groups):
+                plain = not (g["weight_decay"] or g["amsgrad"] or g["maximize"])
+                if any(q is p for q in g["params"]) and plain:
+                    out.append((i, p, gi))
+        if out and not triton_for(out[0][1]).adam_rows_work(self.device, out[0][1].shape[1]):
+            return []
+        return out
 
     def _check_metrics(self, batch: dict[str, torch.Tensor], host: list, coefs: list[float]) -> float:
         """Set `metrics` from a step's statistics read back to the host; raise MriError on a non-finite loss.
@@ -413,6 +470,16 @@ class Trainer:
         return global_loss
 
     # ---- CUDA graphs -------------------------------------------------------------------------------
+    def set_cuda_graphs(self, on: bool) -> None:
+        """Turn captured steps on or off (`TrainConfig.cuda_graphs`), e.g. for a resumed run; before a step
+        has been captured."""
+        self.cfg.cuda_graphs = on
+        self._graphs = self._graphable_setup()
+        """Whether steps may be captured and replayed."""
+        self._stream = torch.cuda.Stream(self.device) if self._graphs and self.device.type == "cuda" else None
+        """The side stream every step runs on when steps may be captured (capture needs one)."""
+        self._graph_ready()
+
     EAGER_BEFORE_CAPTURE = 2
     """Eager steps on the side stream before a capture: they create the optimizer's state, compile the
     Triton kernels and set up cuBLAS on that stream, none of which may happen while capturing."""
@@ -479,15 +546,7 @@ class Trainer:
             stats, total = self._forward_backward(self._static_in, [None] * n, [0] * n, coefs)
             total.backward()
             self._found_inf.copy_((~torch.isfinite(total)).float())
-            for d in self.dicts:
-                d.remove_parallel_grads()
-            self.optimizer.found_inf = self._found_inf  # fused Adam skips the update where it is nonzero
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-            for d in self.dicts:
-                d.normalize_decoder(skip=self._found_inf)
+            self._update(skip=self._found_inf)
             self._static_host.copy_(stats.float(), non_blocking=True)
 
         # Adam refuses capture unless `capturable`; fused, its step counts are on the device either way, and
@@ -500,7 +559,9 @@ class Trainer:
         except Exception as e:  # noqa: BLE001  a capture that fails must not stop training: stay eager
             import warnings
 
-            warnings.warn(f"mri: CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly", stacklevel=3)
+            warnings.warn(
+                f"mri: CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly", stacklevel=3
+            )
             self._graph = False
             self.optimizer.zero_grad(set_to_none=True)
             return

@@ -9,7 +9,7 @@ Each kernel here reads what it needs once and writes its result once:
   every bag's row is written, so no zero-fill comes first.
 - `pair_dots`: out[j] = A[a[j]] . B[b[j]]: the gradient of the decoder's per-pair weights.
 - `remove_parallel` and `normalize_rows`: the unit-norm decoder's gradient projection and renormalisation,
-  one row per program.
+  one row per program; `adam_rows`: both with the decoder's Adam step between them, in one pass.
 
 Imported only when a CUDA tensor reaches `mri.dictionaries.sparse_kernels` and Triton is installed (it comes
 with PyTorch's CUDA builds); on the CPU the PyTorch path runs. Under `TRITON_INTERPRET=1` the same kernels run
@@ -90,6 +90,88 @@ def _normalize_rows_kernel(w_ptr, skip_ptr, d, stride_w, BLOCK_D: tl.constexpr, 
     w = tl.load(w_ptr + r * stride_w + cols, mask=cm, other=0.0).to(tl.float32)
     norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=0)), 1e-12)
     tl.store(w_ptr + r * stride_w + cols, (w / norm).to(w_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _adam_rows_kernel(
+    w_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr, lr_value, skip_ptr, d, stride, beta1, beta2, eps,
+    BLOCK_D: tl.constexpr, UNIT: tl.constexpr, LR_PTR: tl.constexpr, HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64)
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0:
+            return
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < d
+    at = r * stride + cols
+    g = tl.load(g_ptr + at, mask=cm, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + at, mask=cm, other=0.0).to(tl.float32)
+    if UNIT:
+        g = g - tl.sum(g * w, axis=0) * w
+    m = beta1 * tl.load(m_ptr + at, mask=cm, other=0.0) + (1 - beta1) * g
+    v = beta2 * tl.load(v_ptr + at, mask=cm, other=0.0) + (1 - beta2) * g * g
+    step = tl.load(step_ptr).to(tl.float32)
+    correction1 = 1 - tl.exp2(step * tl.log2(beta1))
+    correction2 = 1 - tl.exp2(step * tl.log2(beta2))
+    if LR_PTR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr = lr_value
+    w = w - (lr / correction1) * m / (tl.sqrt(v) / tl.sqrt(correction2) + eps)
+    if UNIT:
+        w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=0)), 1e-12)
+    tl.store(w_ptr + at, w.to(w_ptr.dtype.element_ty), mask=cm)
+    tl.store(m_ptr + at, m, mask=cm)
+    tl.store(v_ptr + at, v, mask=cm)
+
+
+def adam_rows(
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    lr: torch.Tensor | float,
+    betas: tuple[float, float],
+    eps: float,
+    *,
+    unit: bool,
+    skip: torch.Tensor | None = None,
+) -> None:
+    """One Adam step on a (n, d) fp32 weight, a row per program, after `step` (a device scalar) was
+    counted up; with `unit`, the unit-norm decoder's whole update in the one pass: the gradient's part along
+    each row removed first, the row renormalised after (three passes over the weights and their gradient
+    otherwise: projection, Adam, renormalisation). As torch's fused Adam (no weight decay, no amsgrad);
+    nothing changes where the device scalar `skip` is nonzero."""
+    n, d = w.shape
+    if not n:
+        return
+    _adam_rows_kernel[(n,)](
+        w, grad, exp_avg, exp_avg_sq, step, lr if isinstance(lr, torch.Tensor) else w,
+        0.0 if isinstance(lr, torch.Tensor) else float(lr), w if skip is None else skip,
+        d, w.stride(0), float(betas[0]), float(betas[1]), float(eps),
+        BLOCK_D=triton.next_power_of_2(d), UNIT=unit, LR_PTR=isinstance(lr, torch.Tensor), HAS_SKIP=skip is not None,
+    )  # fmt: skip
+
+
+def adam_rows_work(device: torch.device, d: int) -> bool:
+    """Whether `adam_rows` builds and runs here, in each variant a trainer launches (the LR as a number or
+    a tensor, with and without a skip flag), tried on one throwaway row; False (and a warning) if not."""
+    try:
+        w = torch.nn.functional.normalize(torch.ones(1, d, device=device), dim=1)
+        state = [torch.zeros(1, d, device=device) for _ in range(3)]
+        step = torch.ones((), device=device)
+        lr = torch.full((), 1e-3, device=device)
+        for rate, skip in ((1e-3, None), (lr, None), (lr, torch.zeros((), device=device))):
+            adam_rows(w, *state, step, rate, (0.9, 0.999), 1e-8, unit=True, skip=skip)
+        return bool(torch.isfinite(w).all())
+    except Exception as e:  # noqa: BLE001  an older Triton: the decoder steps through PyTorch instead
+        import warnings
+
+        warnings.warn(
+            f"mri: the decoder's one-pass Adam kernel failed here ({type(e).__name__}: {e})", stacklevel=2
+        )
+        return False
 
 
 MAX_ROW = 16384
