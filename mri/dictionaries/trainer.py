@@ -414,8 +414,8 @@ class Trainer:
             if p.grad is not None:
                 self._adam_rows(p, self.optimizer.param_groups[group_index], skip)
         for i, d in enumerate(self.dicts):
-            if i not in fused:
-                d.normalize_decoder(skip=skip)
+            if i not in fused:  # a skip only inside a captured step, whose dictionaries are SparseCoders
+                d.normalize_decoder() if skip is None else d.normalize_decoder(skip=skip)
 
     def _adam_rows(self, p: torch.nn.Parameter, group: dict, skip: torch.Tensor | None) -> None:
         """Adam for one unit-norm decoder through `triton_kernels.adam_rows`, on the optimizer's own state
