@@ -208,7 +208,7 @@ def track_threshold(threshold: torch.Tensor, latents: Latents, ranks: Ranks | No
     return torch.where(torch.isinf(low), threshold, moved)
 
 
-def _row_kernels(*rows: torch.Tensor):
+def row_kernels(*rows: torch.Tensor):
     """The Triton kernels when every (n, d) tensor given is on CUDA with contiguous rows that fit one
     program (d <= MAX_ROW), else None (PyTorch's path)."""
     kernels = triton_for(rows[0])
@@ -408,7 +408,7 @@ class SparseCoder(nn.Module):
         """Drop the part of W_dec's gradient along each (unit) decoder row, so steps keep the norm."""
         if self.unit_norm and self.W_dec.grad is not None:
             g, w = self.W_dec.grad, self.W_dec
-            kernels = _row_kernels(g, w)
+            kernels = row_kernels(g, w)
             if kernels is not None:
                 kernels.remove_parallel(g, w)  # one read of each, one write: a third of the traffic below
             else:
@@ -419,7 +419,7 @@ class SparseCoder(nn.Module):
         """Rescale decoder rows to unit norm (after each optimizer step); not where the one-element tensor
         `skip` is nonzero (a step skipped on the device, inside a CUDA graph)."""
         if self.unit_norm:
-            kernels = _row_kernels(self.W_dec)
+            kernels = row_kernels(self.W_dec)
             if kernels is not None:
                 kernels.normalize_rows(self.W_dec, skip)
             else:

@@ -39,8 +39,7 @@ from mri.dictionaries.config import DictConfig, TrainConfig
 from mri.dictionaries.distributed import Ranks
 from mri.dictionaries.io import replace_folder
 from mri.dictionaries.sharding import ShardedSparseCoder, sharded_names
-from mri.dictionaries.sparse_coder import SparseCoder
-from mri.dictionaries.sparse_kernels import triton_for
+from mri.dictionaries.sparse_coder import SparseCoder, row_kernels
 from mri.errors import MriError
 
 Dictionary = SparseCoder | CrossLayerTranscoder
@@ -112,16 +111,9 @@ class _SideStream:
         return False
 
 
-class _Replay:
-    """A captured step: `replay()` runs it again on the tensors it was captured with."""
-
-    def replay(self) -> None:
-        raise NotImplementedError
-
-
-class _CudaReplay(_Replay):
-    """A CUDA graph of `step`, captured on `stream`; capturing queues nothing, so it is replayed at once
-    for the step it was captured for."""
+class _CudaReplay:
+    """A CUDA graph of `step`, captured on `stream`; `replay()` runs it again on the tensors it was captured
+    with. Capturing queues nothing, so it is replayed at once for the step it was captured for."""
 
     def __init__(self, step, stream: torch.cuda.Stream):
         self.graph = torch.cuda.CUDAGraph()
@@ -194,7 +186,7 @@ class Trainer:
         ]
         self.metrics: list[dict[str, float]] = [{} for _ in self.dicts]
         """Per dictionary: the latest step's fvu, l0, auxk, sparsity and dead fraction."""
-        self._graph: _Replay | None | bool = None
+        self._graph: _CudaReplay | None | bool = None
         """The captured step (None: not yet captured; False: capture failed or not possible)."""
         self.set_cuda_graphs(cfg.cuda_graphs)
 
@@ -426,7 +418,7 @@ class Trainer:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"].add_(1)
-        triton_for(p).adam_rows(
+        row_kernels(p).adam_rows(
             p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
             group["betas"], group["eps"], unit=True, skip=skip,
         )  # fmt: skip
@@ -438,16 +430,16 @@ class Trainer:
         device with the Triton kernels, whose rows fit one program and whose group is plain Adam."""
         out = []
         for i, d in enumerate(self.dicts):
-            if not (isinstance(d, SparseCoder) and d.unit_norm) or triton_for(d.W_dec) is None:
+            if not (isinstance(d, SparseCoder) and d.unit_norm) or row_kernels(d.W_dec) is None:
                 continue
             p = d.W_dec
-            if not p.is_contiguous() or p.dtype != torch.float32 or p.shape[1] > triton_for(p).MAX_ROW:
+            if not p.is_contiguous() or p.dtype != torch.float32:
                 continue
             for gi, g in enumerate(self.optimizer.param_groups):
                 plain = not (g["weight_decay"] or g["amsgrad"] or g["maximize"])
                 if any(q is p for q in g["params"]) and plain:
                     out.append((i, p, gi))
-        if out and not triton_for(out[0][1]).adam_rows_work(self.device, out[0][1].shape[1]):
+        if out and not row_kernels(out[0][1]).adam_rows_work(self.device, out[0][1].shape[1]):
             return []
         return out
 
