@@ -68,7 +68,15 @@ def activations_batches(d_in: int, batch: int, n: int, device: str) -> list[torc
 
 
 def trainer(
-    d_in: int, n_latents: int, k: int, batch: int, steps: int, device: str, *, graphs: bool = True
+    d_in: int,
+    n_latents: int,
+    k: int,
+    batch: int,
+    steps: int,
+    device: str,
+    *,
+    graphs: bool = True,
+    dead_tokens: int = 10_000_000,
 ) -> Trainer:
     cfg = DictConfig(
         kind="sae", arch="topk", d_in=d_in, n_latents=n_latents, k=k, sites_in=["x"], sites_out=["x"]
@@ -77,7 +85,7 @@ def trainer(
         tokens=steps * batch,
         batch_size=batch,
         autocast=device != "cpu",
-        dead_tokens=10_000_000,
+        dead_tokens=dead_tokens,
         cuda_graphs=graphs,
     )
     return Trainer([SparseCoder(cfg, seed=0)], train, device=device)
@@ -113,17 +121,22 @@ def steps(
     grouped: bool = True,
     kernels: bool = True,
     graphs: bool = True,
+    dead: bool = False,
 ) -> float:
     """Seconds per Trainer step; `grouped` off: plain torch.topk selection; `kernels` off: PyTorch's
     embedding_bag and row operations instead of mri's Triton kernels (MRI_TRITON=0); `graphs` off: every
-    step issued kernel by kernel, not replayed from a captured CUDA graph."""
+    step issued kernel by kernel, not replayed from a captured CUDA graph; `dead`: a latent silent for one
+    batch counts as dead, so (nearly) every step runs AuxK."""
     original, env = activations._group_size, os.environ.get("MRI_TRITON")
     if not grouped:
         activations._group_size = lambda n, k: None
     if not kernels:
         os.environ["MRI_TRITON"] = "0"
     try:
-        t = trainer(d_in, n_latents, k, batch, warmup + reps + 8, device, graphs=graphs)
+        dead_tokens = batch if dead else 10_000_000
+        t = trainer(
+            d_in, n_latents, k, batch, warmup + reps + 8, device, graphs=graphs, dead_tokens=dead_tokens
+        )
         data = activations_batches(d_in, batch, 4, device)
         i = iter(range(10**9))
         return _timed(lambda: t.train_step({"x": data[next(i) % 4]}), device, warmup, reps)
@@ -138,34 +151,45 @@ def steps(
 def kernels_agree(device: str, n_steps: int = 6) -> str:
     """Train n_steps at 256 x 4,096 (k 32, 1,024 tokens) as mri does by default (Triton kernels, steps
     replayed from a CUDA graph after the first two), with PyTorch's kernels instead, and with every step
-    issued eagerly, from the same start on the same batches; the largest weight differences and the FVUs."""
+    issued eagerly, from the same start on the same batches; then the same with latents dead after one
+    batch (AuxK's graph, whose fixed-shape selection masks the live latents, against eager AuxK over the
+    dead columns only); the largest weight differences and the FVUs."""
     out = {}
-    for name, kernels, graphs in (
-        ("mri", True, True),
-        ("no Triton", False, True),
-        ("no graphs", True, False),
+    for name, kernels, graphs, dead_tokens in (
+        ("mri", True, True, 10_000_000),
+        ("no Triton", False, True, 10_000_000),
+        ("no graphs", True, False, 10_000_000),
+        ("mri, AuxK", True, True, 1024),
+        ("no graphs, AuxK", True, False, 1024),
     ):
         env = os.environ.get("MRI_TRITON")
         if not kernels:
             os.environ["MRI_TRITON"] = "0"
         try:
-            t = trainer(256, 4096, 32, 1024, n_steps, device, graphs=graphs)
+            t = trainer(256, 4096, 32, 1024, n_steps, device, graphs=graphs, dead_tokens=dead_tokens)
             for x in activations_batches(256, 1024, n_steps, device):
                 t.train_step({"x": x})
-            out[name] = (t.dicts[0], t.metrics[0]["fvu"], bool(t._graph))
+            out[name] = (t.dicts[0], t.metrics[0], sorted(k for k, g in t._graph.items() if g))
         finally:
             os.environ.pop("MRI_TRITON", None) if env is None else os.environ.__setitem__("MRI_TRITON", env)
-    base, fvu, captured = out["mri"]
-    parts = []
-    for name in ("no Triton", "no graphs"):
-        other, other_fvu, _ = out[name]
-        diff = max(
-            (a - b).abs().max().item() for a, b in zip(base.parameters(), other.parameters(), strict=True)
-        )
-        parts.append(f"{name}: largest weight difference {diff:.2e}, last FVU {other_fvu:.5f}")
+
+    def diff(a: str, b: str) -> float:
+        pairs = zip(out[a][0].parameters(), out[b][0].parameters(), strict=True)
+        return max((p - q).abs().max().item() for p, q in pairs)
+
+    base, metrics, captured = out["mri"]
+    parts = [
+        f"{name}: largest weight difference {diff('mri', name):.2e}, last FVU {out[name][1]['fvu']:.5f}"
+        for name in ("no Triton", "no graphs")
+    ]
+    _, aux_metrics, aux_captured = out["mri, AuxK"]
     return (
         f"mri's default step (CUDA graph captured: {'yes' if captured else 'no'}) after {n_steps} steps at 256 x "
-        f"4,096 latents, last FVU {fvu:.5f}, against " + "; ".join(parts) + "."
+        f"4,096 latents, last FVU {metrics['fvu']:.5f}, against " + "; ".join(parts) + ". "
+        f"With latents dead after one batch (last step: {aux_metrics['dead']:.1%} dead, AuxK loss "
+        f"{aux_metrics['auxk']:.4f}; graphs captured: {'with AuxK' if True in aux_captured else 'NOT with AuxK'}), "
+        f"against every step eager: largest weight difference {diff('mri, AuxK', 'no graphs, AuxK'):.2e}, last FVU "
+        f"{aux_metrics['fvu']:.5f} vs {out['no graphs, AuxK'][1]['fvu']:.5f}."
     )
 
 
@@ -248,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| d_in x latents | topk ms | grouped ms | same values | batch-wide topk ms | batch-wide grouped ms "
         "| step ms, torch.topk | step ms, no Triton kernels | step ms, no CUDA graphs | step ms, mri "
-        "| M tok/s, mri | GEMM ms | share of 3-GEMM bound |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| M tok/s, mri | GEMM ms | share of 3-GEMM bound | step ms, AuxK every step | same, no CUDA graphs |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     tables = []
 
@@ -305,13 +329,19 @@ def main(argv: list[str] | None = None) -> int:
         print(size, "step without CUDA graphs", f"{eager * 1e3:.2f} ms", flush=True)
         grouped = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps)
         print(size, "step (mri's default)", f"{grouped * 1e3:.2f} ms", flush=True)
+        dead = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, dead=True)
+        dead_eager = steps(
+            d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, graphs=False, dead=True
+        )
+        print(size, "step with AuxK", f"{dead * 1e3:.2f} ms, eager {dead_eager * 1e3:.2f} ms", flush=True)
         g = gemm(d_in, n, args.batch, args.device)
         bound = args.batch / (3 * g)
         tok = args.batch / grouped
         lines.append(
             f"| {d_in} x {n:,} | {sel['plain_ms']:.3f} | {sel['grouped_ms']:.3f} | {'yes' if sel['same'] else 'NO'} "
             f"| {sel['batch_plain_ms']:.1f} | {sel['batch_grouped_ms']:.1f} | {plain * 1e3:.2f} | {no_kernels * 1e3:.2f} "
-            f"| {eager * 1e3:.2f} | {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} |"
+            f"| {eager * 1e3:.2f} | {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} "
+            f"| {dead * 1e3:.2f} | {dead_eager * 1e3:.2f} |"
         )
         print(lines[-1], flush=True)
         write()

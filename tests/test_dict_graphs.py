@@ -27,8 +27,10 @@ class _Rerun:
         self.step()
 
 
-def _trainer(graphs: bool, steps: int = 8, dead_tokens: int = 10**9) -> Trainer:
-    cfg = DictConfig(kind="sae", arch="topk", d_in=16, n_latents=96, k=4, sites_in=["x"], sites_out=["x"])
+def _trainer(graphs: bool, steps: int = 8, dead_tokens: int = 10**9, n_latents: int = 96) -> Trainer:
+    cfg = DictConfig(
+        kind="sae", arch="topk", d_in=16, n_latents=n_latents, k=4, sites_in=["x"], sites_out=["x"]
+    )
     train = TrainConfig(tokens=steps * 64, batch_size=64, cuda_graphs=graphs, dead_tokens=dead_tokens)
     return Trainer([SparseCoder(cfg, seed=0)], train)
 
@@ -47,24 +49,37 @@ def rerun(monkeypatch):
 
 @pytest.mark.parametrize("dead_tokens", [10**9, 3 * 64])
 def test_replayed_steps_train_as_eager_steps(rerun, dead_tokens):
-    """Same weights, metrics and Adam state as eager steps; with latents dying after 3 batches the steps
-    that need AuxK run eagerly and the replayed ones resume when none is dead."""
+    """Same weights, metrics and Adam state as eager steps. With latents dying after 3 batches, a second graph
+    runs AuxK in fixed shapes (the top aux_k of all latents, the live ones masked out) and must agree with
+    the eager AuxK, which picks among the dead latents' columns only."""
     batches = _batches(8)
-    replayed, eager = _trainer(True, dead_tokens=dead_tokens), _trainer(False, dead_tokens=dead_tokens)
+    n = 128  # enough that more latents die than AuxK takes a row (8) as well as fewer
+    replayed = _trainer(True, dead_tokens=dead_tokens, n_latents=n)
+    eager = _trainer(False, dead_tokens=dead_tokens, n_latents=n)
     assert isinstance(replayed.optimizer.param_groups[0]["lr"], torch.Tensor)
     assert not isinstance(eager.optimizer.param_groups[0]["lr"], torch.Tensor)
     lr = replayed.optimizer.param_groups[0]["lr"]
+    dead = []
     for b in batches:
         replayed.train_step(b)
         eager.train_step(b)
         assert replayed.metrics[0] == pytest.approx(eager.metrics[0], rel=1e-5, abs=1e-7)
-    assert rerun.captured == 1
-    graph = replayed._graph
+        dead.append(round(eager.metrics[0]["dead"] * n))
+    plain = replayed._graph[False]
     if dead_tokens > 10**8:
-        assert graph.replays == 8 - Trainer.EAGER_BEFORE_CAPTURE
+        assert rerun.captured == 1 and set(replayed._graph) == {False}
+        assert plain.replays == 8 - Trainer.EAGER_BEFORE_CAPTURE
     else:
-        assert eager.metrics[0]["dead"] > 0  # AuxK ran: those steps were eager
-        assert 0 < graph.replays < 8 - Trainer.EAGER_BEFORE_CAPTURE
+        # dead after steps 3..7 (the count read back with each step): fewer than aux_k (8) at first, then more
+        # dead after each step (as read back with it, for the next): none for 3 steps, then fewer than AuxK
+        # takes a row (8), then more (measured 0, 0, 0, 2, 12, 10, 13, 9)
+        assert dead[:3] == [0, 0, 0] and all(n > 0 for n in dead[3:]) and min(dead[3:]) < 8 < max(dead[3:])
+        assert rerun.captured == 2
+        auxk = replayed._graph[True]
+        assert replayed.metrics[0]["auxk"] > 0
+        # steps 2 and 3 replay the plain graph; step 4, the first with dead latents, runs AuxK eagerly; then
+        # the AuxK graph is captured and replayed
+        assert plain.replays == 2 and auxk.replays == 3
     for (name, a), b in zip(replayed.dicts[0].named_parameters(), eager.dicts[0].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     sa, sb = replayed.optimizer.state_dict()["state"], eager.optimizer.state_dict()["state"]
@@ -81,14 +96,14 @@ def test_a_replayed_step_with_a_non_finite_loss_leaves_the_weights(rerun):
     t = _trainer(True)
     for b in _batches(4):
         t.train_step(b)
-    assert t._graph.replays == 2
+    assert t._graph[False].replays == 2
     before = {n: p.detach().clone() for n, p in t.dicts[0].named_parameters()}
     steps = [float(s["step"]) for s in t.optimizer.state_dict()["state"].values()]
     bad = _batches(1)[0]
     bad["x"][5, 3] = float("nan")
     with pytest.raises(MriError, match="NaN or inf activations at x"):
         t.train_step(bad)
-    assert t._graph.replays == 3  # it ran as the captured step
+    assert t._graph[False].replays == 3  # it ran as the captured step
     for n, p in t.dicts[0].named_parameters():
         assert torch.equal(p, before[n]), n
     assert [float(s["step"]) for s in t.optimizer.state_dict()["state"].values()] == steps

@@ -121,9 +121,12 @@ def test_row_offsets_are_the_run_starts_with_empty_rows():
 
 
 @pytest.mark.parametrize("n_dead", [3, 40])
-def test_auxk_over_the_dead_columns_is_the_masked_topk(n_dead):
-    """AuxK picks among the dead latents' columns only (given their count, so no read-back); its loss and
-    gradients equal a dense reference that masks the live latents to -inf and takes the top aux_k."""
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_auxk_over_the_dead_columns_is_the_masked_topk(n_dead, fixed_shapes):
+    """AuxK picks among the dead latents' columns only (given their count, so no read-back), or, given the
+    count as a tensor (a captured step), among all latents with the live ones masked out and weighted zero;
+    either way its loss and gradients equal a dense reference that masks the live latents to -inf, takes
+    the top min(aux_k, n_dead) and scales the loss by n_dead / aux_k when fewer are dead (Gao et al.)."""
     from mri.dictionaries.sparse_coder import auxk_loss, fvu
 
     gen = torch.Generator().manual_seed(0)
@@ -135,14 +138,15 @@ def test_auxk_over_the_dead_columns_is_the_masked_topk(n_dead):
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96, generator=gen)[:n_dead]] = True
     pre = (x @ W.T + b).detach()
-    got = auxk_loss(x, [residual], pre, dead, 8, W, b, [W_dec], n_dead=n_dead)
+    count = dead.sum() if fixed_shapes else n_dead
+    got = auxk_loss(x, [residual], pre, dead, 8, W, b, [W_dec], n_dead=count)
     got_grads = torch.autograd.grad(got, (W, b, W_dec))
 
     k = min(8, n_dead)
     top = pre.masked_fill(~dead, float("-inf")).topk(k, dim=1).indices
     dense_pre = x @ W.T + b
     acts = torch.zeros(24, 96, dtype=torch.float64).scatter(1, top, dense_pre.gather(1, top))
-    want = min(n_dead / k, 1.0) * fvu(residual, acts @ W_dec)
+    want = min(n_dead / 8, 1.0) * fvu(residual, acts @ W_dec)
     want_grads = torch.autograd.grad(want, (W, b, W_dec))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the kernels work in fp32
     for g, w in zip(got_grads, want_grads, strict=True):

@@ -403,8 +403,8 @@ def _dense_reference_step(p: dict, since: torch.Tensor, x: torch.Tensor, opt, k:
     dead = since >= dead_after
     n_dead = int(dead.sum())
     if n_dead:
-        aux_k = min(x.shape[1] // 2, n_dead)
-        idx = pre.detach().masked_fill(~dead, float("-inf")).topk(aux_k, dim=1).indices
+        aux_k = x.shape[1] // 2
+        idx = pre.detach().masked_fill(~dead, float("-inf")).topk(min(aux_k, n_dead), dim=1).indices
         aux = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx))
         loss = loss + fvu(x - out.detach(), aux @ W_dec) * min(n_dead / aux_k, 1.0) / 32
     opt.zero_grad()

@@ -20,6 +20,16 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by tests/test_triton_kernels.py under TRITON_INTERPRET=1", allow_module_level=True)
 
 
+class _Rerun:
+    """Stands in for the CUDA graph (as in tests/test_dict_graphs.py): each replay re-runs the step."""
+
+    def __init__(self, step, stream):
+        self.step = step
+
+    def replay(self):
+        self.step()
+
+
 @pytest.fixture
 def kernels():
     """The kernels module, interpreted (the process runs under TRITON_INTERPRET=1)."""
@@ -142,21 +152,14 @@ def test_a_captured_step_through_the_kernels_skips_a_non_finite_loss(kernels, mo
     from mri.dictionaries import trainer as trainer_module
     from mri.errors import MriError
 
-    class Rerun:
-        def __init__(self, step, stream):
-            self.step = step
-
-        def replay(self):
-            self.step()
-
-    monkeypatch.setattr(trainer_module, "_replay_factory", Rerun)
+    monkeypatch.setattr(trainer_module, "_replay_factory", _Rerun)
     cfg = DictConfig(kind="sae", arch="topk", d_in=24, n_latents=128, k=4, sites_in=["x"], sites_out=["x"])
     t = Trainer([SparseCoder(cfg, seed=0)], TrainConfig(tokens=8 * 64, batch_size=64, dead_tokens=10**9))
     assert t._row_adam and t._graphs
     g = torch.Generator().manual_seed(6)
     for _ in range(3):
         t.train_step({"x": torch.randn(64, 24, generator=g)})
-    assert t._graph
+    assert t._graph[False]
     before = {n: p.detach().clone() for n, p in t.dicts[0].named_parameters()}
     bad = torch.randn(64, 24, generator=g)
     bad[0, 0] = float("inf")
@@ -165,3 +168,26 @@ def test_a_captured_step_through_the_kernels_skips_a_non_finite_loss(kernels, mo
     for n, p in t.dicts[0].named_parameters():
         assert torch.equal(p, before[n]), n
     assert float(t.optimizer.state[t.dicts[0].W_dec]["step"]) == 3
+
+
+def test_captured_steps_with_auxk_through_the_kernels_match_eager_steps(kernels, monkeypatch):
+    """With latents dying, the AuxK graph's fixed-shape selection (live latents masked out, weight zero where
+    fewer are dead than AuxK takes) through the kernels trains as the eager AuxK does."""
+    from mri.dictionaries import trainer as trainer_module
+
+    def run(graphs: bool) -> Trainer:
+        cfg = DictConfig(
+            kind="sae", arch="topk", d_in=16, n_latents=128, k=4, sites_in=["x"], sites_out=["x"]
+        )
+        train = TrainConfig(tokens=8 * 64, batch_size=64, dead_tokens=3 * 64, cuda_graphs=graphs)
+        t = Trainer([SparseCoder(cfg, seed=0)], train)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(8):
+            t.train_step({"x": torch.randn(64, 16, generator=g) * torch.linspace(0.3, 2, 16)})
+        return t
+
+    monkeypatch.setattr(trainer_module, "_replay_factory", _Rerun)
+    replayed, eager = run(True), run(False)
+    assert True in replayed._graph and replayed.metrics[0]["dead"] > 0 and replayed.metrics[0]["auxk"] > 0
+    for name, p in eager.dicts[0].named_parameters():
+        torch.testing.assert_close(getattr(replayed.dicts[0], name), p, atol=2e-5, rtol=1e-4, msg=name)

@@ -102,7 +102,7 @@ def train(
         bool,
         typer.Option(
             "--cuda-graphs/--no-cuda-graphs",
-            help="TopK on one CUDA device: replay each step from a captured CUDA graph (eager while latents are dead).",
+            help="TopK on one CUDA device: replay each step from a captured CUDA graph (with AuxK or without).",
         ),
     ] = True,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length when streaming from --model.")] = 128,

@@ -197,11 +197,11 @@ class ShardedSparseCoder(nn.Module):
         if dead is not None and n_dead is None:
             n_dead = int(dead.sum())
         if dead is not None and n_dead > 0:
-            k = min(aux_k or max(self.cfg.d_out // 2, 1), n_dead)
+            aux_k = aux_k or max(self.cfg.d_out // 2, 1)
             masked = pre.masked_fill(~self.shards.part(dead), float("-inf"))
-            dead_pairs = sharded_topk_pairs(masked, k, self.shards)
+            dead_pairs = sharded_topk_pairs(masked, min(aux_k, n_dead), self.shards)
             dead_values = gather_preacts(x_in, self.W_enc, self.b_enc, pre, *dead_pairs)
-            auxk = min(n_dead / k, 1.0) * fvu(y - out.detach(), self._decode(dead_pairs, dead_values))
+            auxk = min(n_dead / aux_k, 1.0) * fvu(y - out.detach(), self._decode(dead_pairs, dead_values))
         latents = Latents(values, Pairs(pairs.rows, pairs.latents + self.first, pairs.offsets))
         if self.training and self.cfg.arch == "batchtopk":
             self.batch_threshold.copy_(track_threshold(self.batch_threshold, latents, self.shards))

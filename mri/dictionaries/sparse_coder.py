@@ -168,7 +168,7 @@ def auxk_loss(
     W_decs: list[torch.Tensor],
     ranks: Ranks | None = None,
     *,
-    n_dead: int | None = None,
+    n_dead: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AuxK: how well each row's top `aux_k` dead latents reconstruct what the live ones left.
 
@@ -176,23 +176,32 @@ def auxk_loss(
     (n_latents,) the dead mask. The dead latents (at their pre-activations, unrectified, so that even a
     latent far below zero gets a gradient) write `residuals[i]` (batch, d_out) through `W_decs[i]`
     (n_latents, d_out); the loss is the mean FVU of those residuals, scaled down by n_dead / aux_k when
-    fewer than aux_k latents are dead. A caller that knows `n_dead` (dead.sum(), > 0) saves a read-back.
+    fewer than aux_k latents are dead (Gao et al.; at most min(aux_k, n_dead) latents a row take part).
 
-    The top-k runs over the dead latents' columns of pre only (batch, n_dead), not over all of them.
+    `n_dead` (dead.sum(), > 0) as a host int spares a read-back, and the top-k then runs over the dead
+    latents' columns of pre only (batch, n_dead). As a device tensor (a captured CUDA-graph step, whose
+    shapes may not depend on it) the top-k runs over all of pre with the live latents at -inf, and the live
+    latents it takes when fewer than aux_k are dead write with weight zero: the same loss and gradients.
     """
-    if n_dead is None:
-        n_dead = int(dead.sum())
-    k = min(aux_k, n_dead)
-    # the dead latents in ascending order; a stable sort of the mask, since nonzero() reads its size back
-    columns = torch.argsort(dead.to(torch.uint8), descending=True, stable=True)[:n_dead]
-    sub = topk_pairs(pre.detach().index_select(1, columns), k)
-    pairs = Pairs(sub.rows, columns[sub.latents], sub.offsets)
-    values = gather_preacts(x, W_enc, b_enc, pre.detach(), *pairs)
+    if isinstance(n_dead, torch.Tensor):
+        k = min(aux_k, pre.shape[1])
+        pairs = topk_pairs(pre.detach().masked_fill(~dead, float("-inf")), k)
+        values = gather_preacts(x, W_enc, b_enc, pre.detach(), *pairs) * dead[pairs.latents]
+        scale = (n_dead.float() / aux_k).clamp(max=1.0)
+    else:
+        if n_dead is None:
+            n_dead = int(dead.sum())
+        # the dead latents in ascending order; a stable sort of the mask, since nonzero() reads its size back
+        columns = torch.argsort(dead.to(torch.uint8), descending=True, stable=True)[:n_dead]
+        sub = topk_pairs(pre.detach().index_select(1, columns), min(aux_k, n_dead))
+        pairs = Pairs(sub.rows, columns[sub.latents], sub.offsets)
+        values = gather_preacts(x, W_enc, b_enc, pre.detach(), *pairs)
+        scale = min(n_dead / aux_k, 1.0)
     loss = sum(
         fvu(r, sparse_decode(pairs.latents, values, pairs.offsets, W), ranks)
         for r, W in zip(residuals, W_decs, strict=True)
     )
-    return min(n_dead / k, 1.0) * loss / len(residuals)
+    return scale * loss / len(residuals)
 
 
 @torch.no_grad()
@@ -354,11 +363,12 @@ class SparseCoder(nn.Module):
         aux_k: int | None = None,
         sparse_kernels: bool = True,
         ranks: Ranks | None = None,
-        n_dead: int | None = None,
+        n_dead: int | torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Reconstruct y (default x) from x, both (batch, d); with a `dead` mask (n_latents,), the AuxK loss
         uses the top `aux_k` (default d_out / 2) dead latents to reconstruct the residual; `n_dead`, when the
-        caller knows it (dead.sum()), spares a read-back from the device.
+        caller knows it (dead.sum()), spares a read-back from the device; as a device tensor it makes AuxK's
+        shapes independent of the count, as a captured step needs (see `auxk_loss`).
 
         With data-parallel `ranks`, x and y are this rank's rows and every loss is this rank's share of
         the global batch's loss (the shares sum to it)."""
@@ -385,7 +395,7 @@ class SparseCoder(nn.Module):
         auxk = zero
         if dead is not None and n_dead is None:
             n_dead = int(dead.sum())
-        if dead is not None and n_dead > 0:
+        if dead is not None and (isinstance(n_dead, torch.Tensor) or n_dead > 0):
             aux_k = aux_k or max(self.cfg.d_out // 2, 1)
             x_in, residual = self._centered(x), y - out.detach()
             auxk = auxk_loss(

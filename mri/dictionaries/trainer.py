@@ -186,8 +186,13 @@ class Trainer:
         ]
         self.metrics: list[dict[str, float]] = [{} for _ in self.dicts]
         """Per dictionary: the latest step's fvu, l0, auxk, sparsity and dead fraction."""
-        self._graph: _CudaReplay | None | bool = None
-        """The captured step (None: not yet captured; False: capture failed or not possible)."""
+        self._graph: dict[bool, _CudaReplay | bool] = {}
+        """The captured steps, keyed by whether they run AuxK (absent: not yet captured; False: its capture
+        failed)."""
+        self._ran_eagerly: set[bool] = set()
+        """Which of those two steps has run eagerly on the side stream, as each must once before its capture."""
+        self._static_in: dict[str, torch.Tensor] | None = None
+        """The captured steps' input buffers, shared by both (None: nothing captured yet)."""
         self.set_cuda_graphs(cfg.cuda_graphs)
 
     @property
@@ -289,11 +294,13 @@ class Trainer:
         and only after the backward is queued, so the card stays busy; everything else stays on the device.
         The dead count read then tells the next step whether to run AuxK, with no read-back of its own.
 
-        TopK steps on one CUDA device with no dead latent (so no AuxK, whose shapes change) are captured
-        once as a CUDA graph and replayed (`TrainConfig.cuda_graphs`): the host then issues one launch a
-        step instead of ~150 kernels, which had taken it longer (3.8 ms on an H200's host) than the card
-        took to run them (2.7 ms at 768 x 32,768 latents). Inside the graph a non-finite loss skips the
-        Adam update and the renormalisation on the device, so the weights still stay as they were."""
+        TopK steps on one CUDA device are captured as CUDA graphs and replayed (`TrainConfig.cuda_graphs`):
+        the host then issues one launch a step instead of ~150 kernels, which had taken it longer (3.8 ms on
+        an H200's host) than the card took to run them (2.7 ms at 768 x 32,768 latents). There are two
+        graphs, one without AuxK (while no latent is dead) and one with it, in shapes that do not depend on
+        the dead count (see `auxk_loss`); the dead count read back with each step picks the next one. Inside
+        a graph a non-finite loss skips the Adam update and the renormalisation on the device, so the
+        weights still stay as they were."""
         self._check_widths(batch)
         with self._on_stream():
             if self.scales is None:
@@ -321,10 +328,13 @@ class Trainer:
                 deads.append(dead)
                 n_deads.append(n_dead)
             coefs = [cfg.coefficient(d.cfg.arch) * self.sparsity_factor(self.step) for d in self.dicts]
-            host = None
-            if self._graphs and not any(n_deads) and self._graph is not False:
-                host = self._replayed_step(batch, coefs)
+            host, aux = None, any(n_deads)
+            if self._graphs:
+                host = self._replayed_step(batch, coefs, aux)
             if host is None:
+                if self._graphs:  # AuxK in the captured steps' fixed shapes, so that both steps agree
+                    n_deads = [dead.sum() if dead is not None else 0 for dead in deads]
+                    self._ran_eagerly.add(aux)
                 host, total = self._eager_step(batch, deads, n_deads, coefs)
             else:  # the loss as read back (on the host): no copy to the device for it
                 total = torch.tensor(self._check_metrics(batch, host, coefs))
@@ -333,7 +343,7 @@ class Trainer:
         return total.detach()
 
     def _forward_backward(
-        self, batch: dict[str, torch.Tensor], deads: list, n_deads: list[int], coefs: list[float]
+        self, batch: dict[str, torch.Tensor], deads: list, n_deads: list, coefs: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and loss of every dictionary and its dead-latent bookkeeping; returns ((n_dicts, 6)
         statistics on the device, the summed loss). The caller runs the backward."""
@@ -369,7 +379,7 @@ class Trainer:
         return torch.stack(stats), total
 
     def _eager_step(
-        self, batch: dict[str, torch.Tensor], deads: list, n_deads: list[int], coefs: list[float]
+        self, batch: dict[str, torch.Tensor], deads: list, n_deads: list, coefs: list[float]
     ) -> tuple[list, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         stats, total = self._forward_backward(batch, deads, n_deads, coefs)
@@ -504,38 +514,54 @@ class Trainer:
             return nullcontext()
         return _SideStream(self._stream)
 
-    def _replayed_step(self, batch: dict[str, torch.Tensor], coefs: list[float]) -> list | None:
-        """Run this step as the captured graph (capturing it first, after `EAGER_BEFORE_CAPTURE` eager
-        steps); None where it can't be (too early, another batch shape, a failed capture)."""
-        if self.step < self.EAGER_BEFORE_CAPTURE:
+    def _replayed_step(self, batch: dict[str, torch.Tensor], coefs: list[float], aux: bool) -> list | None:
+        """Run this step as the captured graph with or without AuxK (`aux`), capturing it first once that
+        step has run eagerly and `EAGER_BEFORE_CAPTURE` steps have passed; None where it can't be (too
+        early, another batch shape, a failed capture)."""
+        graph = self._graph.get(aux)
+        if graph is False or self.step < self.EAGER_BEFORE_CAPTURE or aux not in self._ran_eagerly:
             return None
-        if self._graph is None:
-            self._capture(batch, coefs)
-            if not self._graph:
+        if graph is None:
+            graph = self._capture(batch, coefs, aux)
+            if not graph:
                 return None
         static = self._static_in
         if any(tuple(batch[s].shape) != tuple(static[s].shape) for s in static):
             return None  # a short last batch: eager
         for s, buffer in static.items():
             buffer.copy_(batch[s], non_blocking=True)
-        self._graph.replay()
+        graph.replay()
         return self._static_out_read()
 
-    def _capture(self, batch: dict[str, torch.Tensor], coefs: list[float]) -> None:
+    def _capture(self, batch: dict[str, torch.Tensor], coefs: list[float], aux: bool) -> _CudaReplay | bool:
         """Capture one whole step (forward, backward, gradient projection, Adam, renormalisation, the
-        statistics' copy to pinned host memory) as a graph; on failure warn once and stay eager."""
-        self._static_in = {s: batch[s].to(self.device, torch.float32).clone() for s in self.sites}
-        for d in self.dicts:  # the renormalisation's skipping variant, compiled now: not while capturing
-            d.normalize_decoder(skip=torch.ones((), device=self.device))
+        statistics' copy to pinned host memory) as a graph, with AuxK for every dictionary that uses it if
+        `aux` (its dead masks computed inside); on failure warn once and keep that step eager."""
         n = len(self.dicts)
-        self._found_inf = torch.zeros((), device=self.device)
-        pinned = self.device.type == "cuda"
-        self._static_host = torch.empty(n, 6, dtype=torch.float32, pin_memory=pinned)
-        done = torch.cuda.Event() if pinned else None
+        if self._static_in is None:
+            self._static_in = {s: batch[s].to(self.device, torch.float32).clone() for s in self.sites}
+            for d in self.dicts:  # the renormalisation's skipping variant, compiled now: not while capturing
+                d.normalize_decoder(skip=torch.ones((), device=self.device))
+            self._found_inf = torch.zeros((), device=self.device)
+            pinned = self.device.type == "cuda"
+            self._static_host = torch.empty(n, 6, dtype=torch.float32, pin_memory=pinned)
+            done = torch.cuda.Event() if pinned else None
+
+            def read() -> list:
+                if done is not None:
+                    done.record()
+                    done.synchronize()
+                return self._static_host.tolist()
+
+            self._static_out_read = read
+        dead_after = self.cfg.dead_after()
+        with_auxk = [aux and self.cfg.uses_auxk(d.cfg.arch) for d in self.dicts]
 
         def step() -> None:
             self.optimizer.zero_grad(set_to_none=True)
-            stats, total = self._forward_backward(self._static_in, [None] * n, [0] * n, coefs)
+            deads = [self.since_fired[i] >= dead_after if a else None for i, a in enumerate(with_auxk)]
+            n_deads = [dead.sum() if dead is not None else 0 for dead in deads]
+            stats, total = self._forward_backward(self._static_in, deads, n_deads, coefs)
             total.backward()
             self._found_inf.copy_((~torch.isfinite(total)).float())
             self._update(skip=self._found_inf)
@@ -547,27 +573,19 @@ class Trainer:
         for g in groups:
             g["capturable"] = True
         try:
-            self._graph = (_replay_factory or _CudaReplay)(step, self._stream)
+            self._graph[aux] = (_replay_factory or _CudaReplay)(step, self._stream)
         except Exception as e:  # noqa: BLE001  a capture that fails must not stop training: stay eager
             import warnings
 
             warnings.warn(
                 f"mri: CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly", stacklevel=3
             )
-            self._graph = False
+            self._graph[aux] = False
             self.optimizer.zero_grad(set_to_none=True)
-            return
         finally:
             for g in groups:
                 g["capturable"] = False
-
-        def read() -> list:
-            if done is not None:
-                done.record()
-                done.synchronize()
-            return self._static_host.tolist()
-
-        self._static_out_read = read
+        return self._graph[aux]
 
     _dead_counts: tuple[int, list[int]] | None = None
     """(step, dead latents per dictionary at the start of that step), read back with the previous step's
