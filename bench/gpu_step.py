@@ -77,9 +77,10 @@ def trainer(
     *,
     graphs: bool = True,
     dead_tokens: int = 10_000_000,
+    arch: str = "topk",
 ) -> Trainer:
     cfg = DictConfig(
-        kind="sae", arch="topk", d_in=d_in, n_latents=n_latents, k=k, sites_in=["x"], sites_out=["x"]
+        kind="sae", arch=arch, d_in=d_in, n_latents=n_latents, k=k, sites_in=["x"], sites_out=["x"]
     )
     train = TrainConfig(
         tokens=steps * batch,
@@ -122,11 +123,12 @@ def steps(
     kernels: bool = True,
     graphs: bool = True,
     dead: bool = False,
+    arch: str = "topk",
 ) -> float:
     """Seconds per Trainer step; `grouped` off: plain torch.topk selection; `kernels` off: PyTorch's
     embedding_bag and row operations instead of mri's Triton kernels (MRI_TRITON=0); `graphs` off: every
     step issued kernel by kernel, not replayed from a captured CUDA graph; `dead`: a latent silent for one
-    batch counts as dead, so (nearly) every step runs AuxK."""
+    batch counts as dead, so (nearly) every step runs AuxK; `arch` batchtopk: BatchTopK's selection."""
     original, env = activations._group_size, os.environ.get("MRI_TRITON")
     if not grouped:
         activations._group_size = lambda n, k: None
@@ -135,7 +137,15 @@ def steps(
     try:
         dead_tokens = batch if dead else 10_000_000
         t = trainer(
-            d_in, n_latents, k, batch, warmup + reps + 8, device, graphs=graphs, dead_tokens=dead_tokens
+            d_in,
+            n_latents,
+            k,
+            batch,
+            warmup + reps + 8,
+            device,
+            graphs=graphs,
+            dead_tokens=dead_tokens,
+            arch=arch,
         )
         data = activations_batches(d_in, batch, 4, device)
         i = iter(range(10**9))
@@ -153,20 +163,24 @@ def kernels_agree(device: str, n_steps: int = 6) -> str:
     replayed from a CUDA graph after the first two), with PyTorch's kernels instead, and with every step
     issued eagerly, from the same start on the same batches; then the same with latents dead after one
     batch (AuxK's graph, whose fixed-shape selection masks the live latents, against eager AuxK over the
-    dead columns only); the largest weight differences and the FVUs."""
+    dead columns only), and BatchTopK so; the largest weight differences and the FVUs."""
     out = {}
-    for name, kernels, graphs, dead_tokens in (
-        ("mri", True, True, 10_000_000),
-        ("no Triton", False, True, 10_000_000),
-        ("no graphs", True, False, 10_000_000),
-        ("mri, AuxK", True, True, 1024),
-        ("no graphs, AuxK", True, False, 1024),
+    for name, kernels, graphs, dead_tokens, arch in (
+        ("mri", True, True, 10_000_000, "topk"),
+        ("no Triton", False, True, 10_000_000, "topk"),
+        ("no graphs", True, False, 10_000_000, "topk"),
+        ("mri, AuxK", True, True, 1024, "topk"),
+        ("no graphs, AuxK", True, False, 1024, "topk"),
+        ("mri, BatchTopK", True, True, 1024, "batchtopk"),
+        ("no graphs, BatchTopK", True, False, 1024, "batchtopk"),
     ):
         env = os.environ.get("MRI_TRITON")
         if not kernels:
             os.environ["MRI_TRITON"] = "0"
         try:
-            t = trainer(256, 4096, 32, 1024, n_steps, device, graphs=graphs, dead_tokens=dead_tokens)
+            t = trainer(
+                256, 4096, 32, 1024, n_steps, device, graphs=graphs, dead_tokens=dead_tokens, arch=arch
+            )
             for x in activations_batches(256, 1024, n_steps, device):
                 t.train_step({"x": x})
             out[name] = (t.dicts[0], t.metrics[0], sorted(k for k, g in t._graph.items() if g))
@@ -189,7 +203,9 @@ def kernels_agree(device: str, n_steps: int = 6) -> str:
         f"With latents dead after one batch (last step: {aux_metrics['dead']:.1%} dead, AuxK loss "
         f"{aux_metrics['auxk']:.4f}; graphs captured: {'with AuxK' if True in aux_captured else 'NOT with AuxK'}), "
         f"against every step eager: largest weight difference {diff('mri, AuxK', 'no graphs, AuxK'):.2e}, last FVU "
-        f"{aux_metrics['fvu']:.5f} vs {out['no graphs, AuxK'][1]['fvu']:.5f}."
+        f"{aux_metrics['fvu']:.5f} vs {out['no graphs, AuxK'][1]['fvu']:.5f}. BatchTopK so (graphs captured: "
+        f"{', '.join('with AuxK' if a else 'plain' for a in out['mri, BatchTopK'][2]) or 'none'}): largest weight "
+        f"difference {diff('mri, BatchTopK', 'no graphs, BatchTopK'):.2e}."
     )
 
 
@@ -272,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| d_in x latents | topk ms | grouped ms | same values | batch-wide topk ms | batch-wide grouped ms "
         "| step ms, torch.topk | step ms, no Triton kernels | step ms, no CUDA graphs | step ms, mri "
-        "| M tok/s, mri | GEMM ms | share of 3-GEMM bound | step ms, AuxK every step | same, no CUDA graphs |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| M tok/s, mri | GEMM ms | share of 3-GEMM bound | step ms, AuxK every step | same, no CUDA graphs "
+        "| step ms, BatchTopK | same, no CUDA graphs |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     tables = []
 
@@ -334,6 +351,16 @@ def main(argv: list[str] | None = None) -> int:
             d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, graphs=False, dead=True
         )
         print(size, "step with AuxK", f"{dead * 1e3:.2f} ms, eager {dead_eager * 1e3:.2f} ms", flush=True)
+        batch_top = steps(d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, arch="batchtopk")
+        batch_top_eager = steps(
+            d_in, n, args.k, args.batch, args.device, args.warmup, args.steps, graphs=False, arch="batchtopk"
+        )
+        print(
+            size,
+            "BatchTopK step",
+            f"{batch_top * 1e3:.2f} ms, eager {batch_top_eager * 1e3:.2f} ms",
+            flush=True,
+        )
         g = gemm(d_in, n, args.batch, args.device)
         bound = args.batch / (3 * g)
         tok = args.batch / grouped
@@ -341,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {d_in} x {n:,} | {sel['plain_ms']:.3f} | {sel['grouped_ms']:.3f} | {'yes' if sel['same'] else 'NO'} "
             f"| {sel['batch_plain_ms']:.1f} | {sel['batch_grouped_ms']:.1f} | {plain * 1e3:.2f} | {no_kernels * 1e3:.2f} "
             f"| {eager * 1e3:.2f} | {grouped * 1e3:.2f} | {tok / 1e6:.3f} | {g * 1e3:.3f} | {tok / bound:.1%} "
-            f"| {dead * 1e3:.2f} | {dead_eager * 1e3:.2f} |"
+            f"| {dead * 1e3:.2f} | {dead_eager * 1e3:.2f} | {batch_top * 1e3:.2f} | {batch_top_eager * 1e3:.2f} |"
         )
         print(lines[-1], flush=True)
         write()

@@ -27,9 +27,11 @@ class _Rerun:
         self.step()
 
 
-def _trainer(graphs: bool, steps: int = 8, dead_tokens: int = 10**9, n_latents: int = 96) -> Trainer:
+def _trainer(
+    graphs: bool, steps: int = 8, dead_tokens: int = 10**9, n_latents: int = 96, arch: str = "topk"
+) -> Trainer:
     cfg = DictConfig(
-        kind="sae", arch="topk", d_in=16, n_latents=n_latents, k=4, sites_in=["x"], sites_out=["x"]
+        kind="sae", arch=arch, d_in=16, n_latents=n_latents, k=4, sites_in=["x"], sites_out=["x"]
     )
     train = TrainConfig(tokens=steps * 64, batch_size=64, cuda_graphs=graphs, dead_tokens=dead_tokens)
     return Trainer([SparseCoder(cfg, seed=0)], train)
@@ -47,15 +49,16 @@ def rerun(monkeypatch):
     return _Rerun
 
 
-@pytest.mark.parametrize("dead_tokens", [10**9, 3 * 64])
-def test_replayed_steps_train_as_eager_steps(rerun, dead_tokens):
+@pytest.mark.parametrize(("arch", "dead_tokens"), [("topk", 10**9), ("topk", 3 * 64), ("batchtopk", 3 * 64)])
+def test_replayed_steps_train_as_eager_steps(rerun, arch, dead_tokens):
     """Same weights, metrics and Adam state as eager steps. With latents dying after 3 batches, a second graph
     runs AuxK in fixed shapes (the top aux_k of all latents, the live ones masked out) and must agree with
-    the eager AuxK, which picks among the dead latents' columns only."""
+    the eager AuxK, which picks among the dead latents' columns only. BatchTopK's captured step keeps all
+    k x batch pairs it selects (the non-positive at zero); eagerly it drops those."""
     batches = _batches(8)
     n = 128  # enough that more latents die than AuxK takes a row (8) as well as fewer
-    replayed = _trainer(True, dead_tokens=dead_tokens, n_latents=n)
-    eager = _trainer(False, dead_tokens=dead_tokens, n_latents=n)
+    replayed = _trainer(True, dead_tokens=dead_tokens, n_latents=n, arch=arch)
+    eager = _trainer(False, dead_tokens=dead_tokens, n_latents=n, arch=arch)
     assert isinstance(replayed.optimizer.param_groups[0]["lr"], torch.Tensor)
     assert not isinstance(eager.optimizer.param_groups[0]["lr"], torch.Tensor)
     lr = replayed.optimizer.param_groups[0]["lr"]
@@ -69,6 +72,12 @@ def test_replayed_steps_train_as_eager_steps(rerun, dead_tokens):
     if dead_tokens > 10**8:
         assert rerun.captured == 1 and set(replayed._graph) == {False}
         assert plain.replays == 8 - Trainer.EAGER_BEFORE_CAPTURE
+    elif arch == "batchtopk":
+        assert rerun.captured == 2 and replayed.metrics[0]["auxk"] > 0
+        # one eager step for each graph before it is captured, the plain one's being the first two steps
+        assert plain.replays + replayed._graph[True].replays == 8 - Trainer.EAGER_BEFORE_CAPTURE - 1
+        thresholds = [float(t.dicts[0].batch_threshold) for t in (replayed, eager)]
+        assert thresholds[0] == pytest.approx(thresholds[1])
     else:
         # dead after steps 3..7 (the count read back with each step): fewer than aux_k (8) at first, then more
         # dead after each step (as read back with it, for the next): none for 3 steps, then fewer than AuxK
@@ -123,3 +132,28 @@ def test_checkpoints_of_a_captured_trainer_resume(rerun, tmp_path):
     again.fit(batches, progress=False)
     for a, b in zip(t.dicts[0].parameters(), again.dicts[0].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_which_setups_capture_and_what_memory_they_are_told_to_hold():
+    """Captured steps only for TopK and BatchTopK SAEs and transcoders on one CUDA device; `mri dict train`'s memory
+    estimate then counts the two graphs' private copies of the gradients and working memory."""
+    from mri.dictionaries.memory import estimate
+    from mri.dictionaries.trainer import captures_steps
+
+    def cfg(kind="sae", arch="topk"):
+        sites = (["a", "b"], ["c", "d"]) if kind == "clt" else (["a"], ["a" if kind == "sae" else "b"])
+        return DictConfig(
+            kind=kind, arch=arch, d_in=8, n_latents=32, k=2, sites_in=sites[0], sites_out=sites[1]
+        )
+
+    train = TrainConfig(tokens=128, batch_size=64)
+    assert captures_steps([cfg(), cfg("transcoder")], train, "cuda")
+    assert not captures_steps([cfg()], train, "cpu")
+    assert not captures_steps([cfg()], train, "cuda:0", single=False)
+    assert captures_steps([cfg(), cfg(arch="batchtopk")], train, "cuda")
+    assert not captures_steps([cfg(), cfg(arch="jumprelu")], train, "cuda")
+    assert not captures_steps([cfg("clt")], train, "cuda")
+    assert not captures_steps([cfg()], TrainConfig(tokens=128, batch_size=64, cuda_graphs=False), "cuda")
+    plain, graphs = estimate([cfg()], train), estimate([cfg()], train, graphs=True)
+    assert plain.graph_pools == 0 and graphs.graph_pools == 2 * (plain.gradients + plain.activations)
+    assert graphs.total == plain.total + graphs.graph_pools and "CUDA graphs" in graphs.describe()

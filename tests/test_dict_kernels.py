@@ -207,3 +207,27 @@ def test_centred_input_gets_its_gradient_from_the_bias_gradient():
     for g, want in zip(got, (c.grad, W.grad, b.grad), strict=True):
         torch.testing.assert_close(g, want)
     assert c.grad.abs().max() > 0
+
+
+def test_batchtopk_in_fixed_shapes_trains_as_batchtopk():
+    """A captured step's BatchTopK keeps all k x batch pairs it selects, the non-positive ones at zero; the
+    output, gradients, L0 and inference threshold are those of the pairs-dropping selection."""
+    cfg = DictConfig(
+        kind="sae", arch="batchtopk", d_in=12, n_latents=32, k=24, sites_in=["x"], sites_out=["x"]
+    )
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for fixed in (False, True):
+        sae = SparseCoder(cfg, seed=0)
+        out = sae(x, fixed_shapes=fixed)
+        out.fvu.backward()
+        runs.append(
+            (out, {n: p.grad.clone() for n, p in sae.named_parameters()}, sae.batch_threshold.clone())
+        )
+    (dropped, g_dropped, t_dropped), (fixed, g_fixed, t_fixed) = runs
+    assert fixed.latents.values.numel() == 24 * 16 > dropped.latents.values.numel()  # non-positive picks
+    assert int((fixed.latents.values > 0).sum()) == dropped.latents.values.numel()
+    torch.testing.assert_close(fixed.output, dropped.output)
+    torch.testing.assert_close(t_fixed, t_dropped)
+    for name, g in g_dropped.items():
+        torch.testing.assert_close(g_fixed[name], g, msg=name)

@@ -170,15 +170,15 @@ def test_a_captured_step_through_the_kernels_skips_a_non_finite_loss(kernels, mo
     assert float(t.optimizer.state[t.dicts[0].W_dec]["step"]) == 3
 
 
-def test_captured_steps_with_auxk_through_the_kernels_match_eager_steps(kernels, monkeypatch):
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_captured_steps_with_auxk_through_the_kernels_match_eager_steps(kernels, monkeypatch, arch):
     """With latents dying, the AuxK graph's fixed-shape selection (live latents masked out, weight zero where
-    fewer are dead than AuxK takes) through the kernels trains as the eager AuxK does."""
+    fewer are dead than AuxK takes) through the kernels trains as the eager AuxK does; for BatchTopK, with
+    its captured selection's zero-valued pairs too."""
     from mri.dictionaries import trainer as trainer_module
 
     def run(graphs: bool) -> Trainer:
-        cfg = DictConfig(
-            kind="sae", arch="topk", d_in=16, n_latents=128, k=4, sites_in=["x"], sites_out=["x"]
-        )
+        cfg = DictConfig(kind="sae", arch=arch, d_in=16, n_latents=128, k=4, sites_in=["x"], sites_out=["x"])
         train = TrainConfig(tokens=8 * 64, batch_size=64, dead_tokens=3 * 64, cuda_graphs=graphs)
         t = Trainer([SparseCoder(cfg, seed=0)], train)
         g = torch.Generator().manual_seed(0)

@@ -71,18 +71,22 @@ def topk_pairs(pre: torch.Tensor, k: int) -> Pairs:
     return Pairs(rows, latents, torch.arange(0, batch * k, k, device=pre.device))
 
 
-def batchtopk_pairs(pre: torch.Tensor, k: int, ranks: Ranks | None = None) -> Pairs:
+def batchtopk_pairs(
+    pre: torch.Tensor, k: int, ranks: Ranks | None = None, *, fixed_shapes: bool = False
+) -> Pairs:
     """The k * batch largest positive pre-activations of the whole batch, however they fall across rows.
 
     With data-parallel `ranks`, pre holds this rank's rows and the selection is over the global batch: each
     rank offers its k * global_batch best, and all keep what reaches the k * global_batch-th of the union.
+    With `fixed_shapes` (one process; a captured CUDA-graph step, whose shapes may not depend on the data)
+    all k * batch are kept, the non-positive ones too: the caller's ReLU makes those zero, so they change
+    neither the output nor a gradient.
     """
     batch, n = pre.shape
     flat = pre.reshape(-1)
     if ranks is None or ranks.single:
         indices = top_indices(flat[None], min(k * batch, flat.numel()))[0]
-        values = flat[indices]
-        keep = values > 0
+        keep = None if fixed_shapes else flat[indices] > 0
     else:
         want = k * int(ranks.rows(batch, pre.device))
         indices = top_indices(flat[None], min(want, flat.numel()))[0]
@@ -92,7 +96,7 @@ def batchtopk_pairs(pre: torch.Tensor, k: int, ranks: Ranks | None = None) -> Pa
         union = ranks.cat(offered)
         cut = union.topk(min(want, union.numel()), sorted=False).values.min()
         keep = (values >= cut) & (values > 0)
-    chosen = indices[keep].sort().values
+    chosen = (indices if keep is None else indices[keep]).sort().values
     rows = torch.div(chosen, n, rounding_mode="floor")
     return Pairs(rows, chosen - rows * n, row_offsets(rows, batch))
 

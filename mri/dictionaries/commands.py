@@ -102,7 +102,7 @@ def train(
         bool,
         typer.Option(
             "--cuda-graphs/--no-cuda-graphs",
-            help="TopK on one CUDA device: replay each step from a captured CUDA graph (with AuxK or without).",
+            help="TopK and BatchTopK on one CUDA device: replay each step from a captured CUDA graph.",
         ),
     ] = True,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length when streaming from --model.")] = 128,
@@ -214,6 +214,7 @@ def _train(
     from mri.dictionaries.config import differences
     from mri.dictionaries.distributed import Ranks
     from mri.dictionaries.memory import check_fits, estimate
+    from mri.dictionaries.trainer import captures_steps
 
     data, shards = (Ranks(), ranks) if shard_latents else (ranks, Ranks())
     if batch_size % data.world:
@@ -249,7 +250,8 @@ def _train(
         seed=seed,
         checkpoint_every=checkpoint_every,
     )
-    need = estimate(cfgs, tcfg, processes=data.world, shards=shards.world)
+    graphs = captures_steps(cfgs, tcfg, dev, single=ranks.single)
+    need = estimate(cfgs, tcfg, processes=data.world, shards=shards.world, graphs=graphs)
     if ranks.main:
         typer.echo(f"memory: {need.describe()}")
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dev == "cpu" else 1

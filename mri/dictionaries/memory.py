@@ -34,15 +34,19 @@ class MemoryEstimate(NamedTuple):
     """Working memory of one step on this device's rows of the batch."""
     rows: int
     """Rows (tokens) of each batch on this device."""
+    graph_pools: int = 0
+    """CUDA graphs' private memory: each captured step (one without AuxK, one with) keeps its own
+    gradients and working memory, next to the eager steps' (`Trainer.train_step`)."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.adam + self.activations
+        return self.weights + self.gradients + self.adam + self.activations + self.graph_pools
 
     def describe(self) -> str:
+        pools = f", CUDA graphs {_size(self.graph_pools)}" if self.graph_pools else ""
         return (
             f"{_size(self.total)} per device: weights {_size(self.weights)}, gradients "
-            f"{_size(self.gradients)}, Adam {_size(self.adam)}, activations {_size(self.activations)} "
+            f"{_size(self.gradients)}, Adam {_size(self.adam)}, activations {_size(self.activations)}{pools} "
             f"for {self.rows:,} tokens a step"
         )
 
@@ -85,14 +89,21 @@ def activation_bytes(cfg: DictConfig, rows: int, *, sparse_kernels: bool = True,
 
 
 def estimate(
-    cfgs: Sequence[DictConfig], train: TrainConfig, *, processes: int = 1, shards: int = 1
+    cfgs: Sequence[DictConfig],
+    train: TrainConfig,
+    *,
+    processes: int = 1,
+    shards: int = 1,
+    graphs: bool = False,
 ) -> MemoryEstimate:
     """Bytes needed on each device to train `cfgs` together with `train`, each batch split over `processes`
-    data-parallel ranks, or each dictionary's latents over `shards` ranks."""
+    data-parallel ranks, or each dictionary's latents over `shards` ranks; with `graphs` (the trainer will
+    capture its steps: `trainer.captures_steps`), two more copies of the gradients and working memory."""
     weights = sum(parameter_count(c, shards=shards) for c in cfgs) * FLOAT
     rows = -(-train.batch_size // processes)
     acts = sum(activation_bytes(c, rows, sparse_kernels=train.sparse_kernels, shards=shards) for c in cfgs)
-    return MemoryEstimate(weights, weights, 2 * weights, acts, rows)
+    pools = 2 * (weights + acts) if graphs else 0
+    return MemoryEstimate(weights, weights, 2 * weights, acts, rows, pools)
 
 
 def free_bytes(device: str | torch.device) -> int:

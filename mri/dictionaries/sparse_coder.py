@@ -117,6 +117,7 @@ def encode_latents(
     ranks: Ranks | None = None,
     magnitude: tuple[torch.Tensor, torch.Tensor] | None = None,
     center: torch.Tensor | None = None,
+    fixed_shapes: bool = False,
 ) -> tuple[Latents, torch.Tensor]:
     """Latents of x (batch, d_in) under encoder W (n_latents, d_in), b; also the pre-activations.
 
@@ -125,7 +126,8 @@ def encode_latents(
 
     The pre-activations are returned without grad for TopK and BatchTopK (their grads flow through the
     gathered pairs only, unless `sparse_kernels` is off, the dense reference path). BatchTopK in training
-    selects over the global batch of data-parallel `ranks`. Gated takes `magnitude` = (r_mag, b_mag): a
+    selects over the global batch of data-parallel `ranks`; with `fixed_shapes` (a captured CUDA-graph step)
+    it keeps all k x batch pairs it selects, the non-positive ones at activation zero. Gated takes `magnitude` = (r_mag, b_mag): a
     latent fires where its gate x W.T + b is positive, at relu(exp(r_mag) * x W.T + b_mag); its
     pre-activations are the gate's.
     """
@@ -140,7 +142,7 @@ def encode_latents(
         if arch == "topk":
             pairs = topk_pairs(pre.detach(), k)
         elif training:
-            pairs = batchtopk_pairs(pre.detach(), k, ranks)
+            pairs = batchtopk_pairs(pre.detach(), k, ranks, fixed_shapes=fixed_shapes)
         else:
             pairs = threshold_pairs(pre.detach(), threshold)
         if sparse_kernels:
@@ -292,10 +294,15 @@ class SparseCoder(nn.Module):
         return x - self.b_dec if self.cfg.kind == "sae" else x
 
     def latents(
-        self, x: torch.Tensor, *, sparse_kernels: bool = True, ranks: Ranks | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        sparse_kernels: bool = True,
+        ranks: Ranks | None = None,
+        fixed_shapes: bool = False,
     ) -> tuple[Latents, torch.Tensor]:
         """Latents of x (batch, d_in) and its pre-activations; BatchTopK selects over the batch (of all
-        `ranks`) in training mode and by threshold in eval mode."""
+        `ranks`) in training mode and by threshold in eval mode (see `encode_latents` for `fixed_shapes`)."""
         cfg = self.cfg
         x = x.to(self.W_enc.dtype)
         return encode_latents(
@@ -311,6 +318,7 @@ class SparseCoder(nn.Module):
             ranks=ranks,
             magnitude=(self.r_mag, self.b_mag) if cfg.arch == "gated" else None,
             center=self.b_dec if cfg.kind == "sae" and not x.requires_grad else None,
+            fixed_shapes=fixed_shapes,
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,16 +372,18 @@ class SparseCoder(nn.Module):
         sparse_kernels: bool = True,
         ranks: Ranks | None = None,
         n_dead: int | torch.Tensor | None = None,
+        fixed_shapes: bool = False,
     ) -> ForwardOutput:
         """Reconstruct y (default x) from x, both (batch, d); with a `dead` mask (n_latents,), the AuxK loss
         uses the top `aux_k` (default d_out / 2) dead latents to reconstruct the residual; `n_dead`, when the
-        caller knows it (dead.sum()), spares a read-back from the device; as a device tensor it makes AuxK's
-        shapes independent of the count, as a captured step needs (see `auxk_loss`).
+        caller knows it (dead.sum()), spares a read-back from the device. `fixed_shapes` (a captured CUDA-graph
+        step): no shape depends on the data; BatchTopK keeps zero-valued pairs (`encode_latents`) and AuxK
+        takes the dead count on the device (`auxk_loss`).
 
         With data-parallel `ranks`, x and y are this rank's rows and every loss is this rank's share of
         the global batch's loss (the shares sum to it)."""
         y = x if y is None else y
-        latents, pre = self.latents(x, sparse_kernels=sparse_kernels, ranks=ranks)
+        latents, pre = self.latents(x, sparse_kernels=sparse_kernels, ranks=ranks, fixed_shapes=fixed_shapes)
         out = self.decode_latents(latents, x, sparse_kernels=sparse_kernels)
         loss = fvu(y, out, ranks)
         recon = None
@@ -394,7 +404,7 @@ class SparseCoder(nn.Module):
         zero = loss.new_zeros(())
         auxk = zero
         if dead is not None and n_dead is None:
-            n_dead = int(dead.sum())
+            n_dead = dead.sum() if fixed_shapes else int(dead.sum())
         if dead is not None and (isinstance(n_dead, torch.Tensor) or n_dead > 0):
             aux_k = aux_k or max(self.cfg.d_out // 2, 1)
             x_in, residual = self._centered(x), y - out.detach()

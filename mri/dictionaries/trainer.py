@@ -129,6 +129,20 @@ _replay_factory = None
 (static buffers, LR tensors, the device-side skip of a non-finite step) runs on the CPU."""
 
 
+def captures_steps(
+    cfgs: Sequence[DictConfig], cfg: TrainConfig, device: str | torch.device, *, single: bool = True
+) -> bool:
+    """Whether a Trainer of `cfgs` replays its steps from captured CUDA graphs: TopK and BatchTopK SAEs and
+    transcoders (not CLTs) on one CUDA device, in one process (`single`), sparse kernels and `cuda_graphs` on."""
+    return (
+        cfg.cuda_graphs
+        and torch.device(device).type == "cuda"
+        and single
+        and cfg.sparse_kernels
+        and all(c.kind != "clt" and c.arch in ("topk", "batchtopk") for c in cfgs)
+    )
+
+
 class Trainer:
     """Fits `dictionaries` together from batches {site: (batch, d)} that hold every site they read.
 
@@ -294,7 +308,7 @@ class Trainer:
         and only after the backward is queued, so the card stays busy; everything else stays on the device.
         The dead count read then tells the next step whether to run AuxK, with no read-back of its own.
 
-        TopK steps on one CUDA device are captured as CUDA graphs and replayed (`TrainConfig.cuda_graphs`):
+        TopK and BatchTopK steps on one CUDA device are captured as CUDA graphs and replayed (`cuda_graphs`):
         the host then issues one launch a step instead of ~150 kernels, which had taken it longer (3.8 ms on
         an H200's host) than the card took to run them (2.7 ms at 768 x 32,768 latents). There are two
         graphs, one without AuxK (while no latent is dead) and one with it, in shapes that do not depend on
@@ -332,8 +346,8 @@ class Trainer:
             if self._graphs:
                 host = self._replayed_step(batch, coefs, aux)
             if host is None:
-                if self._graphs:  # AuxK in the captured steps' fixed shapes, so that both steps agree
-                    n_deads = [dead.sum() if dead is not None else 0 for dead in deads]
+                if self._graphs:  # the captured steps' fixed shapes, dead counts on the device: both agree
+                    n_deads = [None] * len(deads)
                     self._ran_eagerly.add(aux)
                 host, total = self._eager_step(batch, deads, n_deads, coefs)
             else:  # the loss as read back (on the host): no copy to the device for it
@@ -357,6 +371,7 @@ class Trainer:
             else nullcontext()
         )
         stats = []
+        captured = {"fixed_shapes": True} if self._graphs else {}  # only SparseCoders' steps are captured
         for i, d in enumerate(self.dicts):
             xs, ys = self._inputs(i, batch)
             dead, n_dead = deads[i], n_deads[i]
@@ -371,6 +386,7 @@ class Trainer:
                         sparse_kernels=cfg.sparse_kernels,
                         ranks=self.ranks,
                         n_dead=n_dead if dead is not None else None,
+                        **captured,
                     )
             recon = out.fvu if out.recon_loss is None else out.recon_loss
             loss = recon + cfg.auxk_alpha * out.auxk_loss + coefs[i] * out.sparsity_loss
@@ -487,15 +503,12 @@ class Trainer:
     Triton kernels and set up cuBLAS on that stream, none of which may happen while capturing."""
 
     def _graphable_setup(self) -> bool:
-        """Whether this trainer's steps may be captured: TopK SparseCoders on one CUDA device, sparse
-        kernels, one process, `cuda_graphs` on (or a test's replay stand-in, `_replay_factory`)."""
-        return (
-            self.cfg.cuda_graphs
-            and (self.device.type == "cuda" or _replay_factory is not None)
-            and self.ranks.single
-            and self.shards.single
-            and self.cfg.sparse_kernels
-            and all(isinstance(d, SparseCoder) and d.cfg.arch == "topk" for d in self.dicts)
+        """Whether this trainer's steps may be captured (`captures_steps`; on the CPU too where a test's
+        replay stand-in, `_replay_factory`, is set)."""
+        device = torch.device("cuda") if _replay_factory is not None else self.device
+        single = self.ranks.single and self.shards.single
+        return captures_steps([d.cfg for d in self.dicts], self.cfg, device, single=single) and all(
+            isinstance(d, SparseCoder) for d in self.dicts
         )
 
     def _graph_ready(self) -> None:
@@ -560,8 +573,7 @@ class Trainer:
         def step() -> None:
             self.optimizer.zero_grad(set_to_none=True)
             deads = [self.since_fired[i] >= dead_after if a else None for i, a in enumerate(with_auxk)]
-            n_deads = [dead.sum() if dead is not None else 0 for dead in deads]
-            stats, total = self._forward_backward(self._static_in, deads, n_deads, coefs)
+            stats, total = self._forward_backward(self._static_in, deads, [None] * n, coefs)
             total.backward()
             self._found_inf.copy_((~torch.isfinite(total)).float())
             self._update(skip=self._found_inf)
