@@ -163,7 +163,7 @@ def kernels_agree(device: str, n_steps: int = 6) -> str:
     replayed from a CUDA graph after the first two), with PyTorch's kernels instead, and with every step
     issued eagerly, from the same start on the same batches; then the same with latents dead after one
     batch (AuxK's graph, whose fixed-shape selection masks the live latents, against eager AuxK over the
-    dead columns only), and BatchTopK so; the largest weight differences and the FVUs."""
+    dead columns only), and BatchTopK and JumpReLU so; the largest weight differences and the FVUs."""
     out = {}
     for name, kernels, graphs, dead_tokens, arch in (
         ("mri", True, True, 10_000_000, "topk"),
@@ -173,6 +173,8 @@ def kernels_agree(device: str, n_steps: int = 6) -> str:
         ("no graphs, AuxK", True, False, 1024, "topk"),
         ("mri, BatchTopK", True, True, 1024, "batchtopk"),
         ("no graphs, BatchTopK", True, False, 1024, "batchtopk"),
+        ("mri, JumpReLU", True, True, 10_000_000, "jumprelu"),
+        ("no graphs, JumpReLU", True, False, 10_000_000, "jumprelu"),
     ):
         env = os.environ.get("MRI_TRITON")
         if not kernels:
@@ -205,7 +207,8 @@ def kernels_agree(device: str, n_steps: int = 6) -> str:
         f"against every step eager: largest weight difference {diff('mri, AuxK', 'no graphs, AuxK'):.2e}, last FVU "
         f"{aux_metrics['fvu']:.5f} vs {out['no graphs, AuxK'][1]['fvu']:.5f}. BatchTopK so (graphs captured: "
         f"{', '.join('with AuxK' if a else 'plain' for a in out['mri, BatchTopK'][2]) or 'none'}): largest weight "
-        f"difference {diff('mri, BatchTopK', 'no graphs, BatchTopK'):.2e}."
+        f"difference {diff('mri, BatchTopK', 'no graphs, BatchTopK'):.2e}. JumpReLU so (graph captured: "
+        f"{'yes' if out['mri, JumpReLU'][2] else 'no'}): {diff('mri, JumpReLU', 'no graphs, JumpReLU'):.2e}."
     )
 
 

@@ -33,7 +33,13 @@ def _trainer(
     cfg = DictConfig(
         kind="sae", arch=arch, d_in=16, n_latents=n_latents, k=4, sites_in=["x"], sites_out=["x"]
     )
-    train = TrainConfig(tokens=steps * 64, batch_size=64, cuda_graphs=graphs, dead_tokens=dead_tokens)
+    train = TrainConfig(
+        tokens=steps * 64,
+        batch_size=64,
+        cuda_graphs=graphs,
+        dead_tokens=dead_tokens,
+        sparsity_warmup_fraction=0.75,  # the L1 / L0 coefficient still moves while steps are replayed
+    )
     return Trainer([SparseCoder(cfg, seed=0)], train)
 
 
@@ -49,12 +55,17 @@ def rerun(monkeypatch):
     return _Rerun
 
 
-@pytest.mark.parametrize(("arch", "dead_tokens"), [("topk", 10**9), ("topk", 3 * 64), ("batchtopk", 3 * 64)])
+@pytest.mark.parametrize(
+    ("arch", "dead_tokens"),
+    [("topk", 10**9), ("topk", 3 * 64), ("batchtopk", 3 * 64), ("jumprelu", 3 * 64), ("relu", 3 * 64)]
+    + [("gated", 3 * 64)],
+)
 def test_replayed_steps_train_as_eager_steps(rerun, arch, dead_tokens):
     """Same weights, metrics and Adam state as eager steps. With latents dying after 3 batches, a second graph
     runs AuxK in fixed shapes (the top aux_k of all latents, the live ones masked out) and must agree with
     the eager AuxK, which picks among the dead latents' columns only. BatchTopK's captured step keeps all
-    k x batch pairs it selects (the non-positive at zero); eagerly it drops those."""
+    k x batch pairs it selects (the non-positive at zero); eagerly it drops those. The dense archs (no AuxK)
+    replay one graph, their sparsity coefficient still warming up (filled into it before each replay)."""
     batches = _batches(8)
     n = 128  # enough that more latents die than AuxK takes a row (8) as well as fewer
     replayed = _trainer(True, dead_tokens=dead_tokens, n_latents=n, arch=arch)
@@ -69,7 +80,10 @@ def test_replayed_steps_train_as_eager_steps(rerun, arch, dead_tokens):
         assert replayed.metrics[0] == pytest.approx(eager.metrics[0], rel=1e-5, abs=1e-7)
         dead.append(round(eager.metrics[0]["dead"] * n))
     plain = replayed._graph[False]
-    if dead_tokens > 10**8:
+    if arch in ("jumprelu", "relu", "gated"):
+        assert rerun.captured == 1 and set(replayed._graph) == {False} and replayed.metrics[0]["sparsity"] > 0
+        assert plain.replays == 8 - Trainer.EAGER_BEFORE_CAPTURE
+    elif dead_tokens > 10**8:
         assert rerun.captured == 1 and set(replayed._graph) == {False}
         assert plain.replays == 8 - Trainer.EAGER_BEFORE_CAPTURE
     elif arch == "batchtopk":
@@ -135,7 +149,7 @@ def test_checkpoints_of_a_captured_trainer_resume(rerun, tmp_path):
 
 
 def test_which_setups_capture_and_what_memory_they_are_told_to_hold():
-    """Captured steps only for TopK and BatchTopK SAEs and transcoders on one CUDA device; `mri dict train`'s memory
+    """Captured steps only for SAEs and transcoders (any arch, not CLTs) on one CUDA device; `mri dict train`'s memory
     estimate then counts the two graphs' private copies of the gradients and working memory."""
     from mri.dictionaries.memory import estimate
     from mri.dictionaries.trainer import captures_steps
@@ -150,8 +164,9 @@ def test_which_setups_capture_and_what_memory_they_are_told_to_hold():
     assert captures_steps([cfg(), cfg("transcoder")], train, "cuda")
     assert not captures_steps([cfg()], train, "cpu")
     assert not captures_steps([cfg()], train, "cuda:0", single=False)
-    assert captures_steps([cfg(), cfg(arch="batchtopk")], train, "cuda")
-    assert not captures_steps([cfg(), cfg(arch="jumprelu")], train, "cuda")
+    assert captures_steps(
+        [cfg(), cfg(arch="batchtopk"), cfg(arch="jumprelu"), cfg(arch="gated")], train, "cuda"
+    )
     assert not captures_steps([cfg("clt")], train, "cuda")
     assert not captures_steps([cfg()], TrainConfig(tokens=128, batch_size=64, cuda_graphs=False), "cuda")
     plain, graphs = estimate([cfg()], train), estimate([cfg()], train, graphs=True)

@@ -102,7 +102,7 @@ def train(
         bool,
         typer.Option(
             "--cuda-graphs/--no-cuda-graphs",
-            help="TopK and BatchTopK on one CUDA device: replay each step from a captured CUDA graph.",
+            help="SAEs and transcoders on one CUDA device: replay each step from a captured CUDA graph.",
         ),
     ] = True,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length when streaming from --model.")] = 128,

@@ -132,14 +132,14 @@ _replay_factory = None
 def captures_steps(
     cfgs: Sequence[DictConfig], cfg: TrainConfig, device: str | torch.device, *, single: bool = True
 ) -> bool:
-    """Whether a Trainer of `cfgs` replays its steps from captured CUDA graphs: TopK and BatchTopK SAEs and
-    transcoders (not CLTs) on one CUDA device, in one process (`single`), sparse kernels and `cuda_graphs` on."""
+    """Whether a Trainer of `cfgs` replays its steps from captured CUDA graphs: SAEs and transcoders of any
+    arch (not CLTs) on one CUDA device, in one process (`single`), sparse kernels and `cuda_graphs` on."""
     return (
         cfg.cuda_graphs
         and torch.device(device).type == "cuda"
         and single
         and cfg.sparse_kernels
-        and all(c.kind != "clt" and c.arch in ("topk", "batchtopk") for c in cfgs)
+        and all(c.kind != "clt" for c in cfgs)
     )
 
 
@@ -308,13 +308,14 @@ class Trainer:
         and only after the backward is queued, so the card stays busy; everything else stays on the device.
         The dead count read then tells the next step whether to run AuxK, with no read-back of its own.
 
-        TopK and BatchTopK steps on one CUDA device are captured as CUDA graphs and replayed (`cuda_graphs`):
+        SAE and transcoder steps on one CUDA device are captured as CUDA graphs and replayed (`cuda_graphs`):
         the host then issues one launch a step instead of ~150 kernels, which had taken it longer (3.8 ms on
         an H200's host) than the card took to run them (2.7 ms at 768 x 32,768 latents). There are two
         graphs, one without AuxK (while no latent is dead) and one with it, in shapes that do not depend on
         the dead count (see `auxk_loss`); the dead count read back with each step picks the next one. Inside
         a graph a non-finite loss skips the Adam update and the renormalisation on the device, so the
-        weights still stay as they were."""
+        weights still stay as they were; the LRs and sparsity coefficients reach it through device tensors
+        filled before each replay."""
         self._check_widths(batch)
         with self._on_stream():
             if self.scales is None:
@@ -357,7 +358,7 @@ class Trainer:
         return total.detach()
 
     def _forward_backward(
-        self, batch: dict[str, torch.Tensor], deads: list, n_deads: list, coefs: list[float]
+        self, batch: dict[str, torch.Tensor], deads: list, n_deads: list, coefs: list
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and loss of every dictionary and its dead-latent bookkeeping; returns ((n_dicts, 6)
         statistics on the device, the summed loss). The caller runs the backward."""
@@ -535,7 +536,7 @@ class Trainer:
         if graph is False or self.step < self.EAGER_BEFORE_CAPTURE or aux not in self._ran_eagerly:
             return None
         if graph is None:
-            graph = self._capture(batch, coefs, aux)
+            graph = self._capture(batch, aux)
             if not graph:
                 return None
         static = self._static_in
@@ -543,10 +544,12 @@ class Trainer:
             return None  # a short last batch: eager
         for s, buffer in static.items():
             buffer.copy_(batch[s], non_blocking=True)
+        for i, coef in enumerate(coefs):  # the sparsity coefficient's warm-up moves it step by step
+            self._static_coefs[i].fill_(coef)
         graph.replay()
         return self._static_out_read()
 
-    def _capture(self, batch: dict[str, torch.Tensor], coefs: list[float], aux: bool) -> _CudaReplay | bool:
+    def _capture(self, batch: dict[str, torch.Tensor], aux: bool) -> _CudaReplay | bool:
         """Capture one whole step (forward, backward, gradient projection, Adam, renormalisation, the
         statistics' copy to pinned host memory) as a graph, with AuxK for every dictionary that uses it if
         `aux` (its dead masks computed inside); on failure warn once and keep that step eager."""
@@ -556,6 +559,7 @@ class Trainer:
             for d in self.dicts:  # the renormalisation's skipping variant, compiled now: not while capturing
                 d.normalize_decoder(skip=torch.ones((), device=self.device))
             self._found_inf = torch.zeros((), device=self.device)
+            self._static_coefs = torch.zeros(n, device=self.device)
             pinned = self.device.type == "cuda"
             self._static_host = torch.empty(n, 6, dtype=torch.float32, pin_memory=pinned)
             done = torch.cuda.Event() if pinned else None
@@ -573,6 +577,7 @@ class Trainer:
         def step() -> None:
             self.optimizer.zero_grad(set_to_none=True)
             deads = [self.since_fired[i] >= dead_after if a else None for i, a in enumerate(with_auxk)]
+            coefs = [self._static_coefs[i] for i in range(n)]
             stats, total = self._forward_backward(self._static_in, deads, [None] * n, coefs)
             total.backward()
             self._found_inf.copy_((~torch.isfinite(total)).float())
