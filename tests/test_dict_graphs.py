@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mri.dictionaries import DictConfig, SparseCoder, TrainConfig, Trainer
+from mri.dictionaries import DictConfig, SparseCoder, TrainConfig, Trainer, build
 from mri.dictionaries import trainer as trainer_module
 from mri.errors import MriError
 
@@ -149,7 +149,7 @@ def test_checkpoints_of_a_captured_trainer_resume(rerun, tmp_path):
 
 
 def test_which_setups_capture_and_what_memory_they_are_told_to_hold():
-    """Captured steps only for SAEs and transcoders (any arch, not CLTs) on one CUDA device; `mri dict train`'s memory
+    """Captured steps for any dictionary on one CUDA device, in one process; `mri dict train`'s memory
     estimate then counts the two graphs' private copies of the gradients and working memory."""
     from mri.dictionaries.memory import estimate
     from mri.dictionaries.trainer import captures_steps
@@ -164,11 +164,43 @@ def test_which_setups_capture_and_what_memory_they_are_told_to_hold():
     assert captures_steps([cfg(), cfg("transcoder")], train, "cuda")
     assert not captures_steps([cfg()], train, "cpu")
     assert not captures_steps([cfg()], train, "cuda:0", single=False)
-    assert captures_steps(
-        [cfg(), cfg(arch="batchtopk"), cfg(arch="jumprelu"), cfg(arch="gated")], train, "cuda"
-    )
-    assert not captures_steps([cfg("clt")], train, "cuda")
+    every = [cfg(arch=a) for a in ("topk", "batchtopk", "jumprelu", "relu", "gated")]
+    assert captures_steps([*every, cfg("clt"), cfg("clt", "jumprelu")], train, "cuda")
     assert not captures_steps([cfg()], TrainConfig(tokens=128, batch_size=64, cuda_graphs=False), "cuda")
     plain, graphs = estimate([cfg()], train), estimate([cfg()], train, graphs=True)
     assert plain.graph_pools == 0 and graphs.graph_pools == 2 * (plain.gradients + plain.activations)
     assert graphs.total == plain.total + graphs.graph_pools and "CUDA graphs" in graphs.describe()
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_replayed_clt_steps_train_as_eager_steps(rerun, arch):
+    """A cross-layer transcoder's captured steps: every layer runs AuxK with its dead count on the device
+    (zero where none of its latents is dead), against eager steps that skip those layers; ReLU's L1."""
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        {s: torch.randn(64, 16, generator=g) * torch.linspace(0.3, 2, 16) for s in ("a", "b", "c", "d")}
+        for _ in range(8)
+    ]
+
+    def run(graphs: bool) -> Trainer:
+        cfg = DictConfig(
+            kind="clt", arch=arch, d_in=16, n_latents=128, k=4, sites_in=["a", "b"], sites_out=["c", "d"]
+        )
+        train = TrainConfig(
+            tokens=8 * 64, batch_size=64, cuda_graphs=graphs, dead_tokens=3 * 64, auxk=True,
+            sparsity_warmup_fraction=0.75,
+        )  # fmt: skip
+        t = Trainer([build(cfg, seed=0)], train)
+        for b in batches:
+            t.train_step(b)
+        return t
+
+    replayed, eager = run(True), run(False)
+    if arch == "relu":  # nothing dies here; the L1 coefficient warms up through the captured steps
+        assert replayed._graph[False].replays == 6 and replayed.metrics[0]["sparsity"] > 0
+    else:
+        assert replayed._graph[False].replays >= 1 and replayed.metrics[0]["dead"] > 0
+        assert replayed.metrics[0]["auxk"] > 0 and replayed._graph[True].replays >= 1
+    assert replayed.metrics[0] == pytest.approx(eager.metrics[0], rel=1e-5, abs=1e-7)
+    for (name, a), b in zip(replayed.dicts[0].named_parameters(), eager.dicts[0].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

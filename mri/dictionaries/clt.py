@@ -95,9 +95,15 @@ class CrossLayerTranscoder(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------------
     def latents(
-        self, xs: list[torch.Tensor], *, sparse_kernels: bool = True, ranks: Ranks | None = None
+        self,
+        xs: list[torch.Tensor],
+        *,
+        sparse_kernels: bool = True,
+        ranks: Ranks | None = None,
+        fixed_shapes: bool = False,
     ) -> tuple[list[Latents], list[torch.Tensor]]:
-        """Per layer, the latents of xs[l] (batch, d_in) and their pre-activations."""
+        """Per layer, the latents of xs[l] (batch, d_in) and their pre-activations (`fixed_shapes`: see
+        `encode_latents`)."""
         cfg = self.cfg
         out, pres = [], []
         for layer, x in enumerate(xs):
@@ -112,6 +118,7 @@ class CrossLayerTranscoder(nn.Module):
                 training=self.training,
                 sparse_kernels=sparse_kernels,
                 ranks=ranks,
+                fixed_shapes=fixed_shapes,
             )
             out.append(lat)
             pres.append(pre)
@@ -171,13 +178,18 @@ class CrossLayerTranscoder(nn.Module):
         aux_k: int | None = None,
         sparse_kernels: bool = True,
         ranks: Ranks | None = None,
+        fixed_shapes: bool = False,
     ) -> CLTForwardOutput:
         """Reconstruct every ys[t] (batch, d_out) from xs[l <= t] (batch, d_in).
 
         With a `dead` mask (n_layers, n_latents), layer l's top `aux_k` (default d_out / 2) dead latents
         fit the residuals of the layers t >= l they write (AuxK). With data-parallel `ranks`, xs and ys
-        are this rank's rows and the losses are its shares of the global batch's."""
-        latents, pres = self.latents(xs, sparse_kernels=sparse_kernels, ranks=ranks)
+        are this rank's rows and the losses are its shares of the global batch's. `fixed_shapes` (a
+        captured CUDA-graph step): no shape depends on the data and nothing is read back (see
+        `SparseCoder.forward`); every layer runs AuxK, its dead count on the device (zero: no loss)."""
+        latents, pres = self.latents(
+            xs, sparse_kernels=sparse_kernels, ranks=ranks, fixed_shapes=fixed_shapes
+        )
         if sparse_kernels:
             outs = self.decode_latents(latents, xs)
         else:
@@ -185,14 +197,24 @@ class CrossLayerTranscoder(nn.Module):
         loss = torch.stack([fvu(y, o, ranks) for y, o in zip(ys, outs, strict=True)]).mean()
         zero = loss.new_zeros(())
         auxk = zero
-        if dead is not None and bool(dead.any()):
+        if dead is not None and (fixed_shapes or bool(dead.any())):
             aux_k = aux_k or max(self.cfg.d_out // 2, 1)
             residuals = [y - o.detach() for y, o in zip(ys, outs, strict=True)]
             for src in range(self.n_layers):
-                if bool(dead[src].any()):
+                if fixed_shapes or bool(dead[src].any()):
                     x, W_enc, b_enc, W_decs = xs[src], self.W_enc[src], self.b_enc[src], list(self.W_dec[src])
+                    n_dead = dead[src].sum() if fixed_shapes else None
                     auxk = auxk + auxk_loss(
-                        x, residuals[src:], pres[src], dead[src], aux_k, W_enc, b_enc, W_decs, ranks
+                        x,
+                        residuals[src:],
+                        pres[src],
+                        dead[src],
+                        aux_k,
+                        W_enc,
+                        b_enc,
+                        W_decs,
+                        ranks,
+                        n_dead=n_dead,
                     )
             auxk = auxk / self.n_layers
         sparsity = zero
@@ -213,8 +235,8 @@ class CrossLayerTranscoder(nn.Module):
     def remove_parallel_grads(self) -> None:
         """No-op: CLT decoders are not norm-constrained (their L1 and folding use the norms instead)."""
 
-    def normalize_decoder(self) -> None:
-        """No-op, as `remove_parallel_grads`."""
+    def normalize_decoder(self, skip: torch.Tensor | None = None) -> None:
+        """No-op, as `remove_parallel_grads` (`skip` as for `SparseCoder.normalize_decoder`)."""
 
     @torch.no_grad()
     def set_output_bias(self, layer: int, bias: torch.Tensor) -> None:

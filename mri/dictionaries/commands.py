@@ -102,7 +102,7 @@ def train(
         bool,
         typer.Option(
             "--cuda-graphs/--no-cuda-graphs",
-            help="SAEs and transcoders on one CUDA device: replay each step from a captured CUDA graph.",
+            help="On one CUDA device, in one process: replay each step from a captured CUDA graph.",
         ),
     ] = True,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length when streaming from --model.")] = 128,

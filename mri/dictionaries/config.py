@@ -159,7 +159,7 @@ class TrainConfig:
     sparse_kernels: bool = True
     """TopK/BatchTopK: the encoder backward and decoder touch only active latents."""
     cuda_graphs: bool = True
-    """SAEs and transcoders on one CUDA device: capture the step as CUDA graphs (without AuxK, with); replay them."""
+    """One CUDA device, one process: capture the step as CUDA graphs (without AuxK, with) and replay them."""
     seed: int = 0
     checkpoint_every: int = 0
     """Write a resumable checkpoint every this many steps (0: only at the end of `fit`)."""

@@ -132,15 +132,10 @@ _replay_factory = None
 def captures_steps(
     cfgs: Sequence[DictConfig], cfg: TrainConfig, device: str | torch.device, *, single: bool = True
 ) -> bool:
-    """Whether a Trainer of `cfgs` replays its steps from captured CUDA graphs: SAEs and transcoders of any
-    arch (not CLTs) on one CUDA device, in one process (`single`), sparse kernels and `cuda_graphs` on."""
-    return (
-        cfg.cuda_graphs
-        and torch.device(device).type == "cuda"
-        and single
-        and cfg.sparse_kernels
-        and all(c.kind != "clt" for c in cfgs)
-    )
+    """Whether a Trainer of `cfgs` replays its steps from captured CUDA graphs: any dictionary on one CUDA
+    device, in one process (`single`, neither data-parallel nor latent-sharded), sparse kernels and
+    `cuda_graphs` on."""
+    return cfg.cuda_graphs and torch.device(device).type == "cuda" and single and cfg.sparse_kernels
 
 
 class Trainer:
@@ -308,7 +303,7 @@ class Trainer:
         and only after the backward is queued, so the card stays busy; everything else stays on the device.
         The dead count read then tells the next step whether to run AuxK, with no read-back of its own.
 
-        SAE and transcoder steps on one CUDA device are captured as CUDA graphs and replayed (`cuda_graphs`):
+        Steps on one CUDA device, in one process, are captured as CUDA graphs and replayed (`cuda_graphs`):
         the host then issues one launch a step instead of ~150 kernels, which had taken it longer (3.8 ms on
         an H200's host) than the card took to run them (2.7 ms at 768 x 32,768 latents). There are two
         graphs, one without AuxK (while no latent is dead) and one with it, in shapes that do not depend on
@@ -372,13 +367,15 @@ class Trainer:
             else nullcontext()
         )
         stats = []
-        captured = {"fixed_shapes": True} if self._graphs else {}  # only SparseCoders' steps are captured
+        captured = {"fixed_shapes": True} if self._graphs else {}  # sharded dictionaries are never captured
         for i, d in enumerate(self.dicts):
             xs, ys = self._inputs(i, batch)
             dead, n_dead = deads[i], n_deads[i]
             with autocast:
                 if isinstance(d, CrossLayerTranscoder):
-                    out = d(xs, ys, dead=dead, sparse_kernels=cfg.sparse_kernels, ranks=self.ranks)
+                    out = d(
+                        xs, ys, dead=dead, sparse_kernels=cfg.sparse_kernels, ranks=self.ranks, **captured
+                    )
                 else:
                     out = d(
                         xs[0],
@@ -433,7 +430,7 @@ class Trainer:
             if p.grad is not None:
                 self._adam_rows(p, self.optimizer.param_groups[group_index], skip)
         for i, d in enumerate(self.dicts):
-            if i not in fused:  # a skip only inside a captured step, whose dictionaries are SparseCoders
+            if i not in fused:  # a skip only inside a captured step
                 d.normalize_decoder() if skip is None else d.normalize_decoder(skip=skip)
 
     def _adam_rows(self, p: torch.nn.Parameter, group: dict, skip: torch.Tensor | None) -> None:
@@ -508,9 +505,7 @@ class Trainer:
         replay stand-in, `_replay_factory`, is set)."""
         device = torch.device("cuda") if _replay_factory is not None else self.device
         single = self.ranks.single and self.shards.single
-        return captures_steps([d.cfg for d in self.dicts], self.cfg, device, single=single) and all(
-            isinstance(d, SparseCoder) for d in self.dicts
-        )
+        return captures_steps([d.cfg for d in self.dicts], self.cfg, device, single=single)
 
     def _graph_ready(self) -> None:
         """Where steps may be captured, make each param group's LR a device tensor: a captured step reads
