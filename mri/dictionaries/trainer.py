@@ -323,25 +323,18 @@ class Trainer:
             known, self._dead_counts = self._dead_counts, None
             if known is not None and known[0] != self.step:
                 known = None
-            deads: list[torch.Tensor | None] = []
-            n_deads: list[int] = []
-            for i, d in enumerate(self.dicts):
-                dead, n_dead = None, 0
-                if cfg.uses_auxk(d.cfg.arch):
-                    if known is not None:  # no dead latent: no AuxK work at all, not even the mask
-                        n_dead = known[1][i]
-                        dead = self.since_fired[i] >= dead_after if n_dead > 0 else None
-                    else:
-                        mask = self.since_fired[i] >= dead_after
-                        n_dead = int(mask.sum())
-                        dead = mask if n_dead > 0 else None
-                deads.append(dead)
-                n_deads.append(n_dead)
+            n_deads = [
+                (known[1][i] if known is not None else int((self.since_fired[i] >= dead_after).sum()))
+                if cfg.uses_auxk(d.cfg.arch)
+                else 0
+                for i, d in enumerate(self.dicts)
+            ]
             coefs = [cfg.coefficient(d.cfg.arch) * self.sparsity_factor(self.step) for d in self.dicts]
             host, aux = None, any(n_deads)
-            if self._graphs:
+            if self._graphs:  # a replayed step computes its dead masks itself
                 host = self._replayed_step(batch, coefs, aux)
-            if host is None:
+            if host is None:  # no dead latent: no AuxK work at all, not even the mask
+                deads = [self.since_fired[i] >= dead_after if n else None for i, n in enumerate(n_deads)]
                 if self._graphs:  # the captured steps' fixed shapes, dead counts on the device: both agree
                     n_deads = [None] * len(deads)
                     self._ran_eagerly.add(aux)
