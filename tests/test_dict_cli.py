@@ -325,6 +325,31 @@ def test_cli_recipe_options_reach_the_dictionary_and_its_manifest(tmp_path, stor
     assert manifest["train_config"]["threshold_lr_scale"] == 10
 
 
+def test_cli_topk_warmup_reaches_the_manifest_and_a_whole_warmup_is_refused(tmp_path, store):
+    """BatchTopK's TopK warm-up (`--topk-warmup`): the threshold is tracked only after it, so a warm-up over
+    every step would leave the inference threshold unset, and is refused before anything is written."""
+    args = [
+        "train",
+        "--store",
+        str(store),
+        "--site",
+        "L1.resid_post",
+        "--arch",
+        "batchtopk",
+        "--latents",
+        "64",
+    ]
+    args += ["--k", "4", "--tokens", "1024", "--batch-size", "256", "--quiet", "--device", "cpu"]
+    result = CliRunner().invoke(dict_app, [*args, "--topk-warmup", "0.5", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["train_config"]["topk_warmup_fraction"] == 0.5
+    assert float(load(tmp_path / "b").batch_threshold) > 0  # set by the two batch-wide steps
+    result = CliRunner().invoke(dict_app, [*args, "--topk-warmup", "1", "--out", str(tmp_path / "bad")])
+    assert isinstance(result.exception, MriError) and "--topk-warmup" in str(result.exception), result.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_matryoshka_widths_reach_the_config_and_bad_ones_are_refused(tmp_path, store):
     args = ["train", "--store", str(store), "--site", "L1.resid_post", "--latents", "64", "--k", "4"]
     args += ["--tokens", "1024", "--batch-size", "256", "--quiet", "--device", "cpu"]

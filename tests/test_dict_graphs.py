@@ -28,7 +28,12 @@ class _Rerun:
 
 
 def _trainer(
-    graphs: bool, steps: int = 8, dead_tokens: int = 10**9, n_latents: int = 96, arch: str = "topk"
+    graphs: bool,
+    steps: int = 8,
+    dead_tokens: int = 10**9,
+    n_latents: int = 96,
+    arch: str = "topk",
+    topk_warmup: float = 0.5,
 ) -> Trainer:
     cfg = DictConfig(
         kind="sae", arch=arch, d_in=16, n_latents=n_latents, k=4, sites_in=["x"], sites_out=["x"]
@@ -39,6 +44,7 @@ def _trainer(
         cuda_graphs=graphs,
         dead_tokens=dead_tokens,
         sparsity_warmup_fraction=0.75,  # the L1 / L0 coefficient still moves while steps are replayed
+        topk_warmup_fraction=topk_warmup,  # BatchTopK selects per row for 4 of 8 steps, then batch-wide
     )
     return Trainer([SparseCoder(cfg, seed=0)], train)
 
@@ -64,8 +70,9 @@ def test_replayed_steps_train_as_eager_steps(rerun, arch, dead_tokens):
     """Same weights, metrics and Adam state as eager steps. With latents dying after 3 batches, a second graph
     runs AuxK in fixed shapes (the top aux_k of all latents, the live ones masked out) and must agree with
     the eager AuxK, which picks among the dead latents' columns only. BatchTopK's captured step keeps all
-    k x batch pairs it selects (the non-positive at zero); eagerly it drops those. The dense archs (no AuxK)
-    replay one graph, their sparsity coefficient still warming up (filled into it before each replay)."""
+    k x batch pairs it selects (the non-positive at zero); eagerly it drops those; the end of its TopK
+    warm-up drops the graphs captured before it. The dense archs (no AuxK) replay one graph, their sparsity
+    coefficient still warming up (filled into it before each replay)."""
     batches = _batches(8)
     n = 128  # enough that more latents die than AuxK takes a row (8) as well as fewer
     replayed = _trainer(True, dead_tokens=dead_tokens, n_latents=n, arch=arch)
@@ -79,19 +86,23 @@ def test_replayed_steps_train_as_eager_steps(rerun, arch, dead_tokens):
         eager.train_step(b)
         assert replayed.metrics[0] == pytest.approx(eager.metrics[0], rel=1e-5, abs=1e-7)
         dead.append(round(eager.metrics[0]["dead"] * n))
-    plain = replayed._graph[False]
-    if arch in ("jumprelu", "relu", "gated"):
+    if arch == "batchtopk":
+        # steps 0-3 select per row (the TopK warm-up; the plain graph, captured at step 2, replays steps 2 and
+        # 3) and leave the inference threshold at 0; at step 4 the batch-wide selection drops that graph and,
+        # latents being dead by then, runs AuxK eagerly; its graph replays steps 5-7
+        assert rerun.captured == 2 and set(replayed._graph) == {True} and replayed._graph[True].replays == 3
+        assert replayed.metrics[0]["auxk"] > 0
+        thresholds = [float(t.dicts[0].batch_threshold) for t in (replayed, eager)]
+        assert thresholds[0] > 0 and thresholds[0] == pytest.approx(thresholds[1])
+    plain = replayed._graph.get(False)
+    if arch == "batchtopk":
+        pass  # checked above
+    elif arch in ("jumprelu", "relu", "gated"):
         assert rerun.captured == 1 and set(replayed._graph) == {False} and replayed.metrics[0]["sparsity"] > 0
         assert plain.replays == 8 - Trainer.EAGER_BEFORE_CAPTURE
     elif dead_tokens > 10**8:
         assert rerun.captured == 1 and set(replayed._graph) == {False}
         assert plain.replays == 8 - Trainer.EAGER_BEFORE_CAPTURE
-    elif arch == "batchtopk":
-        assert rerun.captured == 2 and replayed.metrics[0]["auxk"] > 0
-        # one eager step for each graph before it is captured, the plain one's being the first two steps
-        assert plain.replays + replayed._graph[True].replays == 8 - Trainer.EAGER_BEFORE_CAPTURE - 1
-        thresholds = [float(t.dicts[0].batch_threshold) for t in (replayed, eager)]
-        assert thresholds[0] == pytest.approx(thresholds[1])
     else:
         # dead after steps 3..7 (the count read back with each step): fewer than aux_k (8) at first, then more
         # dead after each step (as read back with it, for the next): none for 3 steps, then fewer than AuxK
@@ -188,7 +199,7 @@ def test_replayed_clt_steps_train_as_eager_steps(rerun, arch):
         )
         train = TrainConfig(
             tokens=8 * 64, batch_size=64, cuda_graphs=graphs, dead_tokens=3 * 64, auxk=True,
-            sparsity_warmup_fraction=0.75,
+            sparsity_warmup_fraction=0.75, topk_warmup_fraction=0.0,  # BatchTopK batch-wide from step 0
         )  # fmt: skip
         t = Trainer([build(cfg, seed=0)], train)
         for b in batches:

@@ -31,11 +31,12 @@ def _toy_sae(arch: str, n: int = 1024, k: int = 8, **kw) -> tuple[ToyFeatures, T
 
 # Measured on this toy (512 features in 64 dimensions, 1024 latents, k 8) with the features drawn from their
 # own seed stream, so that a fresh dictionary starts at recovery 0.40, not at the features themselves.
-# SAELens 6.54 on the same 600 batches, lr 3e-3: topk 0.936, batchtopk 0.645.
+# SAELens 6.54 on the same 600 batches, lr 3e-3: topk 0.936, batchtopk 0.645. BatchTopK selects per row for its
+# first third of the steps (`topk_warmup_fraction`); batch-wide from the first step it reached 0.769.
 TOY_RECOVERY = {
     "topk": (300, 0.98),
-    "batchtopk": (600, 0.75),
-}  # steps at lr 1e-2, floor (measured 0.986, 0.769)
+    "batchtopk": (600, 0.97),
+}  # steps at lr 1e-2, floor (measured 0.986; 0.983, and 0.982 / 0.983 with the toy's seeds 1 / 2)
 MATRYOSHKA_STEPS, MATRYOSHKA_FREQUENT = 300, 0.9  # measured: frequent features in the prefix 0.95, plain 0.36
 GATED_RECOVERY = 0.95  # 600 steps at lr 3e-3, L1 coefficient 8: measured 0.968 (0.978 after 1,000 steps)
 

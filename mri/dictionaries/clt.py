@@ -101,9 +101,10 @@ class CrossLayerTranscoder(nn.Module):
         sparse_kernels: bool = True,
         ranks: Ranks | None = None,
         fixed_shapes: bool = False,
+        per_row: bool = False,
     ) -> tuple[list[Latents], list[torch.Tensor]]:
-        """Per layer, the latents of xs[l] (batch, d_in) and their pre-activations (`fixed_shapes`: see
-        `encode_latents`)."""
+        """Per layer, the latents of xs[l] (batch, d_in) and their pre-activations (`fixed_shapes`,
+        `per_row`: see `encode_latents`)."""
         cfg = self.cfg
         out, pres = [], []
         for layer, x in enumerate(xs):
@@ -119,6 +120,7 @@ class CrossLayerTranscoder(nn.Module):
                 sparse_kernels=sparse_kernels,
                 ranks=ranks,
                 fixed_shapes=fixed_shapes,
+                per_row=per_row,
             )
             out.append(lat)
             pres.append(pre)
@@ -179,6 +181,7 @@ class CrossLayerTranscoder(nn.Module):
         sparse_kernels: bool = True,
         ranks: Ranks | None = None,
         fixed_shapes: bool = False,
+        per_row: bool = False,
     ) -> CLTForwardOutput:
         """Reconstruct every ys[t] (batch, d_out) from xs[l <= t] (batch, d_in).
 
@@ -186,9 +189,10 @@ class CrossLayerTranscoder(nn.Module):
         fit the residuals of the layers t >= l they write (AuxK). With data-parallel `ranks`, xs and ys
         are this rank's rows and the losses are its shares of the global batch's. `fixed_shapes` (a
         captured CUDA-graph step): no shape depends on the data and nothing is read back (see
-        `SparseCoder.forward`); every layer runs AuxK, its dead count on the device (zero: no loss)."""
+        `SparseCoder.forward`); every layer runs AuxK, its dead count on the device (zero: no loss).
+        `per_row`: BatchTopK selects per row and leaves its thresholds alone (the trainer's TopK warm-up)."""
         latents, pres = self.latents(
-            xs, sparse_kernels=sparse_kernels, ranks=ranks, fixed_shapes=fixed_shapes
+            xs, sparse_kernels=sparse_kernels, ranks=ranks, fixed_shapes=fixed_shapes, per_row=per_row
         )
         if sparse_kernels:
             outs = self.decode_latents(latents, xs)
@@ -225,7 +229,7 @@ class CrossLayerTranscoder(nn.Module):
             elif self.cfg.arch == "jumprelu":
                 l0 = step(pre, self.threshold(layer), self.cfg.jumprelu_bandwidth)
                 sparsity = sparsity + row_mean(l0.sum(-1), ranks) / d
-        if self.training and self.cfg.arch == "batchtopk":
+        if self.training and self.cfg.arch == "batchtopk" and not per_row:
             with torch.no_grad():
                 for layer, lat in enumerate(latents):
                     old = self.batch_threshold[layer]

@@ -96,6 +96,13 @@ def train(
     threshold_lr_scale: Annotated[
         float, typer.Option("--threshold-lr-scale", help="JumpReLU: log-thresholds' LR over the LR.")
     ] = TrainConfig.threshold_lr_scale,
+    topk_warmup: Annotated[
+        float,
+        typer.Option(
+            "--topk-warmup",
+            help="BatchTopK: select per token (as TopK) over this first fraction of the steps (0 to turn off).",
+        ),
+    ] = TrainConfig.topk_warmup_fraction,
     b_dec_init: Annotated[str, typer.Option("--b-dec-init", help="median | mean | zero.")] = "median",
     autocast: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast compute (GPU).")] = False,
     cuda_graphs: Annotated[
@@ -166,6 +173,7 @@ def train(
             init_norm=init_norm,
             matryoshka=_widths(matryoshka),
             threshold_lr_scale=threshold_lr_scale,
+            topk_warmup=topk_warmup,
             b_dec_init=b_dec_init,
             autocast=autocast,
             cuda_graphs=cuda_graphs,
@@ -200,6 +208,7 @@ def _train(
     init_norm: float,
     threshold_lr_scale: float,
     autocast: bool,
+    topk_warmup: float = TrainConfig.topk_warmup_fraction,
     cuda_graphs: bool = True,
     matryoshka: list[int] | None = None,
     ctx: int,
@@ -244,6 +253,7 @@ def _train(
         lr=lr,
         sparsity_coef=sparsity_coef,
         threshold_lr_scale=threshold_lr_scale,
+        topk_warmup_fraction=topk_warmup,
         b_dec_init=b_dec_init,
         autocast=autocast,
         cuda_graphs=cuda_graphs,

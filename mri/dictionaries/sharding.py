@@ -168,12 +168,13 @@ class ShardedSparseCoder(nn.Module):
         sparse_kernels: bool = True,
         ranks: Ranks | None = None,
         n_dead: int | None = None,
+        per_row: bool = False,
     ) -> ForwardOutput:
         """`SparseCoder.forward` with the latents split over ranks: x and y (batch, d) are the whole batch,
         the same on every rank, as are `dead` (n_latents,), the whole dead mask, and `n_dead` (its count,
         when known). The output and losses are the whole dictionary's, the same on every rank; `latents`
         are this rank's pairs, numbered among all latents. Always the sparse kernels; `ranks` (data
-        parallelism) must be a single process."""
+        parallelism) must be a single process; `per_row`: BatchTopK selects as TopK (its warm-up)."""
         if ranks is not None and not ranks.single:
             raise MriError(
                 "latent sharding gives every rank the whole batch; it does not combine with data parallelism"
@@ -182,7 +183,7 @@ class ShardedSparseCoder(nn.Module):
         x_in = _ToShards.apply(self._centered(x.to(self.W_enc.dtype)), self.shards)
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_in, self.W_enc.T)
-        if self.cfg.arch == "topk":
+        if self.cfg.arch == "topk" or (self.training and per_row):
             pairs = sharded_topk_pairs(pre, self.cfg.k, self.shards)
         elif self.training:
             pairs = sharded_batchtopk_pairs(pre, self.cfg.k, self.shards)
@@ -203,7 +204,7 @@ class ShardedSparseCoder(nn.Module):
             dead_values = gather_preacts(x_in, self.W_enc, self.b_enc, pre, *dead_pairs)
             auxk = min(n_dead / aux_k, 1.0) * fvu(y - out.detach(), self._decode(dead_pairs, dead_values))
         latents = Latents(values, Pairs(pairs.rows, pairs.latents + self.first, pairs.offsets))
-        if self.training and self.cfg.arch == "batchtopk":
+        if self.training and self.cfg.arch == "batchtopk" and not per_row:
             self.batch_threshold.copy_(track_threshold(self.batch_threshold, latents, self.shards))
         return ForwardOutput(out, latents, loss, auxk, loss.new_zeros(()))
 

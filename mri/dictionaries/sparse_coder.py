@@ -118,6 +118,7 @@ def encode_latents(
     magnitude: tuple[torch.Tensor, torch.Tensor] | None = None,
     center: torch.Tensor | None = None,
     fixed_shapes: bool = False,
+    per_row: bool = False,
 ) -> tuple[Latents, torch.Tensor]:
     """Latents of x (batch, d_in) under encoder W (n_latents, d_in), b; also the pre-activations.
 
@@ -127,7 +128,8 @@ def encode_latents(
     The pre-activations are returned without grad for TopK and BatchTopK (their grads flow through the
     gathered pairs only, unless `sparse_kernels` is off, the dense reference path). BatchTopK in training
     selects over the global batch of data-parallel `ranks`; with `fixed_shapes` (a captured CUDA-graph step)
-    it keeps all k x batch pairs it selects, the non-positive ones at activation zero. Gated takes `magnitude` = (r_mag, b_mag): a
+    it keeps all k x batch pairs it selects, the non-positive ones at activation zero; with `per_row` it
+    selects each row's top k instead, as TopK does (the trainer's TopK warm-up of BatchTopK). Gated takes `magnitude` = (r_mag, b_mag): a
     latent fires where its gate x W.T + b is positive, at relu(exp(r_mag) * x W.T + b_mag); its
     pre-activations are the gate's.
     """
@@ -139,7 +141,7 @@ def encode_latents(
     if arch in ("topk", "batchtopk"):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse_kernels):
             pre = torch.addmm(b, x, W.T)
-        if arch == "topk":
+        if arch == "topk" or (training and per_row):
             pairs = topk_pairs(pre.detach(), k)
         elif training:
             pairs = batchtopk_pairs(pre.detach(), k, ranks, fixed_shapes=fixed_shapes)
@@ -300,9 +302,11 @@ class SparseCoder(nn.Module):
         sparse_kernels: bool = True,
         ranks: Ranks | None = None,
         fixed_shapes: bool = False,
+        per_row: bool = False,
     ) -> tuple[Latents, torch.Tensor]:
         """Latents of x (batch, d_in) and its pre-activations; BatchTopK selects over the batch (of all
-        `ranks`) in training mode and by threshold in eval mode (see `encode_latents` for `fixed_shapes`)."""
+        `ranks`) in training mode and by threshold in eval mode (see `encode_latents` for `fixed_shapes`
+        and `per_row`)."""
         cfg = self.cfg
         x = x.to(self.W_enc.dtype)
         return encode_latents(
@@ -319,6 +323,7 @@ class SparseCoder(nn.Module):
             magnitude=(self.r_mag, self.b_mag) if cfg.arch == "gated" else None,
             center=self.b_dec if cfg.kind == "sae" and not x.requires_grad else None,
             fixed_shapes=fixed_shapes,
+            per_row=per_row,
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -373,17 +378,21 @@ class SparseCoder(nn.Module):
         ranks: Ranks | None = None,
         n_dead: int | torch.Tensor | None = None,
         fixed_shapes: bool = False,
+        per_row: bool = False,
     ) -> ForwardOutput:
         """Reconstruct y (default x) from x, both (batch, d); with a `dead` mask (n_latents,), the AuxK loss
         uses the top `aux_k` (default d_out / 2) dead latents to reconstruct the residual; `n_dead`, when the
         caller knows it (dead.sum()), spares a read-back from the device. `fixed_shapes` (a captured CUDA-graph
         step): no shape depends on the data; BatchTopK keeps zero-valued pairs (`encode_latents`) and AuxK
-        takes the dead count on the device (`auxk_loss`).
+        takes the dead count on the device (`auxk_loss`). `per_row`: BatchTopK selects per row, as TopK, and
+        leaves its inference threshold alone (the trainer's TopK warm-up).
 
         With data-parallel `ranks`, x and y are this rank's rows and every loss is this rank's share of
         the global batch's loss (the shares sum to it)."""
         y = x if y is None else y
-        latents, pre = self.latents(x, sparse_kernels=sparse_kernels, ranks=ranks, fixed_shapes=fixed_shapes)
+        latents, pre = self.latents(
+            x, sparse_kernels=sparse_kernels, ranks=ranks, fixed_shapes=fixed_shapes, per_row=per_row
+        )
         out = self.decode_latents(latents, x, sparse_kernels=sparse_kernels)
         loss = fvu(y, out, ranks)
         recon = None
@@ -419,7 +428,7 @@ class SparseCoder(nn.Module):
         elif self.cfg.arch == "jumprelu":
             l0 = step(pre, self.threshold, self.cfg.jumprelu_bandwidth)
             sparsity = row_mean(l0.sum(-1), ranks) / self.cfg.d_out
-        if self.training and self.cfg.arch == "batchtopk":
+        if self.training and self.cfg.arch == "batchtopk" and not per_row:
             self.batch_threshold.copy_(track_threshold(self.batch_threshold, latents, ranks))
         return ForwardOutput(out, latents, loss, auxk, sparsity, recon)
 

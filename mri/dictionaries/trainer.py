@@ -202,6 +202,9 @@ class Trainer:
         """Which of those two steps has run eagerly on the side stream, as each must once before its capture."""
         self._static_in: dict[str, torch.Tensor] | None = None
         """The captured steps' input buffers, shared by both (None: nothing captured yet)."""
+        self._per_row: list[bool] | None = None
+        """Per dictionary, whether the captured steps select BatchTopK per row (`TrainConfig.per_row`):
+        when that changes, they are dropped and captured again."""
         self.set_cuda_graphs(cfg.cuda_graphs)
 
     @property
@@ -330,6 +333,11 @@ class Trainer:
                 for i, d in enumerate(self.dicts)
             ]
             coefs = [cfg.coefficient(d.cfg.arch) * self.sparsity_factor(self.step) for d in self.dicts]
+            per_row = [cfg.per_row(d.cfg.arch, self.step) for d in self.dicts]
+            if per_row != self._per_row:  # BatchTopK's TopK warm-up ends: its selection is another graph
+                self._per_row = per_row
+                self._graph.clear()
+                self._ran_eagerly.clear()
             host, aux = None, any(n_deads)
             if self._graphs:  # a replayed step computes its dead masks itself
                 host = self._replayed_step(batch, coefs, aux)
@@ -364,10 +372,17 @@ class Trainer:
         for i, d in enumerate(self.dicts):
             xs, ys = self._inputs(i, batch)
             dead, n_dead = deads[i], n_deads[i]
+            per_row = cfg.per_row(d.cfg.arch, self.step)
             with autocast:
                 if isinstance(d, CrossLayerTranscoder):
                     out = d(
-                        xs, ys, dead=dead, sparse_kernels=cfg.sparse_kernels, ranks=self.ranks, **captured
+                        xs,
+                        ys,
+                        dead=dead,
+                        sparse_kernels=cfg.sparse_kernels,
+                        ranks=self.ranks,
+                        per_row=per_row,
+                        **captured,
                     )
                 else:
                     out = d(
@@ -377,6 +392,7 @@ class Trainer:
                         sparse_kernels=cfg.sparse_kernels,
                         ranks=self.ranks,
                         n_dead=n_dead if dead is not None else None,
+                        per_row=per_row,
                         **captured,
                     )
             recon = out.fvu if out.recon_loss is None else out.recon_loss
