@@ -148,8 +148,10 @@ class TrainConfig:
     """BatchTopK: select each token's top k (as TopK) over this first fraction of the steps, then the batch's
     top k x batch. From a fresh dictionary the batch-wide cut ranks random projections, so it hands most
     activations to the tokens with the largest norms and the latents settle on blends of features; started
-    once TopK has found them, BatchTopK keeps them (toy features, 600 steps: mean max cosine 0.77 from
-    the start, 0.99 after 300 TopK steps). The inference threshold is tracked from the switch on."""
+    once TopK has found them, BatchTopK keeps them (toy features, 600 steps: mean max cosine 0.77
+    batch-wide from the start, 0.98 with the first third per token; on mri-base the FVU at equal L0 stays
+    within 1%, and at k 16 1.4% of the latents die instead of 17%). The inference threshold is tracked from
+    the switch on."""
     auxk: bool | None = None
     """AuxK loss that revives dead latents; None: on for topk and batchtopk."""
     auxk_alpha: float = 1 / 32

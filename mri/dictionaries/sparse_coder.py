@@ -129,9 +129,10 @@ def encode_latents(
     gathered pairs only, unless `sparse_kernels` is off, the dense reference path). BatchTopK in training
     selects over the global batch of data-parallel `ranks`; with `fixed_shapes` (a captured CUDA-graph step)
     it keeps all k x batch pairs it selects, the non-positive ones at activation zero; with `per_row` it
-    selects each row's top k instead, as TopK does (the trainer's TopK warm-up of BatchTopK). Gated takes `magnitude` = (r_mag, b_mag): a
-    latent fires where its gate x W.T + b is positive, at relu(exp(r_mag) * x W.T + b_mag); its
-    pre-activations are the gate's.
+    selects each row's top k instead, as TopK does (the trainer's TopK warm-up of BatchTopK).
+
+    Gated takes `magnitude` = (r_mag, b_mag): a latent fires where its gate x W.T + b is positive, at
+    relu(exp(r_mag) * x W.T + b_mag); its pre-activations are the gate's.
     """
     if arch == "gated":
         r_mag, b_mag = magnitude
