@@ -86,6 +86,8 @@ def test_replayed_steps_train_as_eager_steps(rerun, arch, dead_tokens):
         eager.train_step(b)
         assert replayed.metrics[0] == pytest.approx(eager.metrics[0], rel=1e-5, abs=1e-7)
         dead.append(round(eager.metrics[0]["dead"] * n))
+        if arch == "batchtopk":  # the per-row steps leave the inference threshold alone
+            assert (float(replayed.dicts[0].batch_threshold) == 0) == (replayed.step <= 4)
     if arch == "batchtopk":
         # steps 0-3 select per row (the TopK warm-up; the plain graph, captured at step 2, replays steps 2 and
         # 3) and leave the inference threshold at 0; at step 4 the batch-wide selection drops that graph and,
