@@ -95,16 +95,18 @@ def test_initial_rows_are_small_and_thresholds_get_their_own_lr():
 
 
 def test_resume_continues_exactly(tmp_path, one_thread):
-    """Training N steps, checkpointing, resuming and training N more equals training 2N straight."""
+    """Training N steps, checkpointing, resuming and training the rest equals training straight; BatchTopK
+    checkpointed inside its TopK warm-up (steps 0-12 of 40), so the resumed run makes the switch."""
     toy, cfg = _toy_sae("batchtopk", n=128, k=4)
     tcfg = TrainConfig(tokens=40 * 256, batch_size=256, lr=3e-3, dead_tokens=256 * 3)
     straight = Trainer([build(cfg)], tcfg)
     straight.fit(toy.batches(256), progress=False)
 
     first = Trainer([build(cfg)], tcfg)
-    first.fit(toy.batches(256), until=20, progress=False, checkpoint=tmp_path / "ckpt")
+    first.fit(toy.batches(256), until=10, progress=False, checkpoint=tmp_path / "ckpt")
+    assert float(first.dicts[0].batch_threshold) == 0  # not tracked during the warm-up
     resumed = Trainer.resume(tmp_path / "ckpt")
-    assert resumed.step == 20
+    assert resumed.step == 10
     resumed.fit(toy.batches(256), progress=False)
     for name, value in straight.dicts[0].state_dict().items():
         assert torch.equal(value, resumed.dicts[0].state_dict()[name]), name
