@@ -208,7 +208,7 @@ def _train(
     init_norm: float,
     threshold_lr_scale: float,
     autocast: bool,
-    topk_warmup: float = TrainConfig.topk_warmup_fraction,
+    topk_warmup: float,
     cuda_graphs: bool = True,
     matryoshka: list[int] | None = None,
     ctx: int,

@@ -203,8 +203,8 @@ class Trainer:
         self._static_in: dict[str, torch.Tensor] | None = None
         """The captured steps' input buffers, shared by both (None: nothing captured yet)."""
         self._per_row: list[bool] | None = None
-        """Per dictionary, whether the captured steps select BatchTopK per row (`TrainConfig.per_row`):
-        when that changes, they are dropped and captured again."""
+        """Per dictionary, whether this step selects BatchTopK per row (`TrainConfig.per_row`), set by
+        `train_step` before the forward; when it changes, the captured steps are dropped and captured again."""
         self.set_cuda_graphs(cfg.cuda_graphs)
 
     @property
@@ -371,8 +371,7 @@ class Trainer:
         captured = {"fixed_shapes": True} if self._graphs else {}  # sharded dictionaries are never captured
         for i, d in enumerate(self.dicts):
             xs, ys = self._inputs(i, batch)
-            dead, n_dead = deads[i], n_deads[i]
-            per_row = cfg.per_row(d.cfg.arch, self.step)
+            dead, n_dead, per_row = deads[i], n_deads[i], self._per_row[i]
             with autocast:
                 if isinstance(d, CrossLayerTranscoder):
                     out = d(
