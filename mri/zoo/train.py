@@ -89,7 +89,8 @@ class TrainConfig:
     """Seconds: past this, checkpoint and finish early (the schedule is cut short)."""
     fit_to_time: bool = False
     """With time_limit: time the first steps, then shorten the planned steps so that the whole warmup + cosine
-    schedule ends inside the limit (a GPU lease is counted in seconds, not tokens)."""
+    schedule ends inside the limit (a GPU lease is counted in seconds, not tokens); every few steps after, it
+    refits at the latest pace, only ever shorter, so a machine that gets busier still ends its cosine."""
     device: str = "auto"
     threads: int | None = None
     """CPU threads for torch (None: torch's default); 1 is fastest on a busy 2-core machine."""
@@ -392,6 +393,9 @@ def train(tokens_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, command
     total = state.get("planned_steps", cfg.steps)
     stop = total if cfg.stop_after is None else min(total, start_step + cfg.stop_after)
     smooth, out_of_time = state.get("smooth"), False
+    # the step at which the schedule was fitted to the time limit (a resumed fitted run keeps refitting)
+    fitted_at = start_step if cfg.fit_to_time and cfg.time_limit and "planned_steps" in state else None
+    t_mark = t0
     while step < stop:
         fitting = cfg.fit_to_time and cfg.time_limit and "planned_steps" not in state
         if fitting and step == start_step + FIT_STEPS // 2:
@@ -399,10 +403,18 @@ def train(tokens_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, command
         if fitting and step == start_step + FIT_STEPS // 2 + FIT_STEPS:
             total = fit_steps(cfg, step, prior + time.time() - t0, time.time() - t_mark, FIT_STEPS)
             stop = total if cfg.stop_after is None else min(total, stop)
-            state["planned_steps"] = total
+            state["planned_steps"], fitted_at, t_mark = total, step, time.time()
             console.log(
                 f"schedule fitted to the {cfg.time_limit:.0f} s limit: {total} steps (of {cfg.steps})"
             )
+        elif fitted_at is not None and (step - fitted_at) % (FIT_STEPS // 2) == 0 and step > fitted_at:
+            # the pace drifts (another job starts on the machine): refit at the pace of the last few steps,
+            # only ever shorter, so that the cosine still reaches its floor inside the limit
+            refit = fit_steps(cfg, step, prior + time.time() - t0, time.time() - t_mark, FIT_STEPS // 2)
+            t_mark = time.time()
+            if refit < total:
+                total = state["planned_steps"] = max(step + 1, refit)
+                stop = total if cfg.stop_after is None else min(total, stop)
         lr = lr_at(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
