@@ -31,30 +31,53 @@ def _toy_sae(arch: str, n: int = 1024, k: int = 8, **kw) -> tuple[ToyFeatures, T
 
 # Measured on this toy (512 features in 64 dimensions, 1024 latents, k 8) with the features drawn from their
 # own seed stream, so that a fresh dictionary starts at recovery 0.40, not at the features themselves.
-# SAELens 6.54 on the same 600 batches, lr 3e-3: topk 0.936, batchtopk 0.645. BatchTopK selects per row for its
-# first third of the steps (`topk_warmup_fraction`); batch-wide from the first step it reached 0.769.
+# SAELens 6.54 on the same 600 batches, lr 3e-3: topk 0.936, batchtopk 0.645. BatchTopK and JumpReLU select
+# per row for their first third of the steps (`topk_warmup_fraction`); from the first step BatchTopK reached
+# 0.769, and JumpReLU (its L0 coefficient 2) 0.724 (600 steps at lr 3e-3) and 0.845 (the recipe below).
 TOY_RECOVERY = {
-    "topk": (300, 0.98),
-    "batchtopk": (600, 0.97),
-}  # steps at lr 1e-2, floor (measured 0.986; 0.985, and 0.981 / 0.984 with the toy's seeds 1 / 2)
+    "topk": (300, 0.98, {}),
+    "batchtopk": (600, 0.97, {}),
+    "jumprelu": (900, 0.98, {"sparsity_coef": 2.0, "threshold_lr_scale": 3.0}),
+}  # steps at lr 1e-2, floor, other settings (measured 0.986; 0.985, and 0.981 / 0.984 with the toy's seeds 1 /
+# 2; 0.985, and 0.982 / 0.984). JumpReLU's thresholds at 3x lr 1e-2 move as fast as at 30x (the default) mri-base's
+# lr 1e-3; at 30x lr 1e-2 they overshoot and kill most latents.
 MATRYOSHKA_STEPS, MATRYOSHKA_FREQUENT = 300, 0.9  # measured: frequent features in the prefix 0.95, plain 0.36
 GATED_RECOVERY = 0.95  # 600 steps at lr 3e-3, L1 coefficient 8: measured 0.968 (0.978 after 1,000 steps)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
 def test_sparse_coder_recovers_the_true_features(one_thread, arch):
     toy, cfg = _toy_sae(arch)
     assert toy.recovery(build(cfg).W_dec) < 0.45  # the start is far from the answer
-    steps, floor = TOY_RECOVERY[arch]
-    trainer = Trainer([build(cfg)], TrainConfig(tokens=steps * 1024, batch_size=1024, lr=1e-2))
+    steps, floor, settings = TOY_RECOVERY[arch]
+    trainer = Trainer([build(cfg)], TrainConfig(tokens=steps * 1024, batch_size=1024, lr=1e-2, **settings))
     trainer.fit(toy.batches(1024), progress=False)
     sae = trainer.finished()[0]
     assert toy.recovery(sae.W_dec) >= floor
+    held = sae.encode(toy.sample(8192, torch.Generator().manual_seed(99)))
+    l0 = float((held > 0).sum(1).float().mean())
+    if arch == "jumprelu":  # its coefficient sets the L0: at 2 it drops the faintest of 7.7 features a sample
+        assert 3.5 <= l0 <= 7.7 and trainer.metrics[0]["l0"] == pytest.approx(l0, rel=0.2)  # measured 4.87
+        return
     assert trainer.metrics[0]["l0"] == pytest.approx(8, abs=0.5 if arch == "batchtopk" else 0)
     # at inference BatchTopK fires by its tracked threshold: held out, about k a token (measured 7.86; a
     # running mean over ~100 batches lagged behind the falling cut, 7.4)
-    held = sae.encode(toy.sample(8192, torch.Generator().manual_seed(99)))
-    assert (held > 0).sum(1).float().mean() == pytest.approx(8, abs=0.3 if arch == "batchtopk" else 0)
+    assert l0 == pytest.approx(8, abs=0.3 if arch == "batchtopk" else 0)
+
+
+def test_jumprelu_thresholds_follow_its_topk_warmup(one_thread):
+    """Over the warm-up each latent's threshold tracks the activations at which the TopK selection kept it,
+    so at the switch the JumpReLU fires about k a token; left at their start (0.1) they would fire ~160."""
+    toy, cfg = _toy_sae("jumprelu")
+    trainer = Trainer(
+        [build(cfg)], TrainConfig(tokens=300 * 1024, batch_size=1024, lr=1e-2, sparsity_coef=2.0)
+    )
+    trainer.fit(toy.batches(1024), until=100, progress=False)  # the last per-row step
+    assert trainer.metrics[0]["l0"] == 8 and trainer.metrics[0]["sparsity"] == 0
+    held = toy.sample(4096, torch.Generator().manual_seed(99))
+    l0 = float((trainer.finished()[0].encode(held) > 0).sum(1).float().mean())
+    assert 4 <= l0 <= 12, l0
+    assert trainer.dicts[0].log_threshold.exp().median() > 0.5  # far from the start, in normalised units
 
 
 def test_jumprelu_l0_follows_the_coefficient(one_thread):
@@ -72,8 +95,9 @@ def test_jumprelu_l0_follows_the_coefficient(one_thread):
         l0s[coef] = float((sae.encode(held) > 0).sum(-1).float().mean())
         recovery[coef] = toy.recovery(sae.W_dec)
     assert 8 <= l0s[1.0] <= 20  # measured 13.9 (7.7 true features per sample)
-    assert l0s[0.25] > 8 * l0s[4.0]  # measured 40.0 vs 2.7
-    # short of TopK on this toy: ~70% of latents die (measured recovery 0.53 at coefficient 1, from 0.40)
+    assert l0s[0.25] > 8 * l0s[4.0]  # measured 41.3 vs 2.2
+    # 150 steps are short of what this toy needs (measured recovery 0.55 at coefficient 1, from 0.40; see
+    # test_sparse_coder_recovers_the_true_features for 900)
     assert recovery[1.0] > 0.48
 
 
@@ -94,17 +118,19 @@ def test_initial_rows_are_small_and_thresholds_get_their_own_lr():
     assert lrs[id(d.log_threshold)] == pytest.approx(3e-2) and lrs[id(d.W_enc)] == pytest.approx(1e-3)
 
 
-def test_resume_continues_exactly(tmp_path, one_thread):
-    """Training N steps, checkpointing, resuming and training the rest equals training straight; BatchTopK
-    checkpointed inside its TopK warm-up (steps 0-12 of 40), so the resumed run makes the switch."""
-    toy, cfg = _toy_sae("batchtopk", n=128, k=4)
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+def test_resume_continues_exactly(tmp_path, one_thread, arch):
+    """Training N steps, checkpointing, resuming and training the rest equals training straight; checkpointed
+    inside the TopK warm-up (steps 0-12 of 40), so the resumed run makes the switch."""
+    toy, cfg = _toy_sae(arch, n=128, k=4)
     tcfg = TrainConfig(tokens=40 * 256, batch_size=256, lr=3e-3, dead_tokens=256 * 3)
     straight = Trainer([build(cfg)], tcfg)
     straight.fit(toy.batches(256), progress=False)
 
     first = Trainer([build(cfg)], tcfg)
     first.fit(toy.batches(256), until=10, progress=False, checkpoint=tmp_path / "ckpt")
-    assert float(first.dicts[0].batch_threshold) == 0  # not tracked during the warm-up
+    if arch == "batchtopk":
+        assert float(first.dicts[0].batch_threshold) == 0  # not tracked during the warm-up
     resumed = Trainer.resume(tmp_path / "ckpt")
     assert resumed.step == 10
     resumed.fit(toy.batches(256), progress=False)
@@ -309,7 +335,7 @@ def _clt_dead_fraction(auxk: bool) -> float:
     cfg = DictConfig(
         kind="clt", arch="topk", d_in=32, n_latents=512, k=4, sites_in=["a", "b"], sites_out=["b", "a"]
     )
-    tcfg = TrainConfig(tokens=100 * 256, batch_size=256, lr=3e-2, auxk=auxk, dead_tokens=4 * 256)
+    tcfg = TrainConfig(tokens=200 * 256, batch_size=256, lr=3e-2, auxk=auxk, dead_tokens=4 * 256)
     trainer = Trainer([build(cfg)], tcfg)
     trainer.fit(batches(1), progress=False)
     if auxk:
@@ -319,8 +345,10 @@ def _clt_dead_fraction(auxk: bool) -> float:
 
 
 def test_auxk_revives_dead_clt_latents(one_thread):
+    # measured 0.479 vs 0.144 (0.485 vs 0.177 and 0.474 vs 0.169 with the toy's seeds 1, 2). At 100 steps the
+    # gap was 0.245 vs 0.196 on one machine and under the old bound of 3/4 on another: too early to tell.
     without, with_auxk = _clt_dead_fraction(False), _clt_dead_fraction(True)
-    assert without > 0.2 and with_auxk < 0.75 * without
+    assert without > 0.3 and with_auxk < 0.5 * without
 
 
 def test_clt_auxk_is_the_residual_fit_of_the_dead_latents():

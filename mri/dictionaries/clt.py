@@ -15,7 +15,15 @@ from torch import nn
 
 from mri.dictionaries.activations import step
 from mri.dictionaries.config import DictConfig
-from mri.dictionaries.sparse_coder import Latents, auxk_loss, encode_latents, fvu, row_mean, track_threshold
+from mri.dictionaries.sparse_coder import (
+    Latents,
+    auxk_loss,
+    encode_latents,
+    fvu,
+    row_mean,
+    track_latent_thresholds,
+    track_threshold,
+)
 from mri.dictionaries.sparse_kernels import sparse_decode
 
 if TYPE_CHECKING:
@@ -190,7 +198,8 @@ class CrossLayerTranscoder(nn.Module):
         are this rank's rows and the losses are its shares of the global batch's. `fixed_shapes` (a
         captured CUDA-graph step): no shape depends on the data and nothing is read back (see
         `SparseCoder.forward`); every layer runs AuxK, its dead count on the device (zero: no loss).
-        `per_row`: BatchTopK selects per row and leaves its thresholds alone (the trainer's TopK warm-up)."""
+        `per_row` (the trainer's TopK warm-up): BatchTopK selects per row and leaves its thresholds alone;
+        JumpReLU selects per row too, without its L0 penalty, and sets its thresholds from the selection."""
         latents, pres = self.latents(
             xs, sparse_kernels=sparse_kernels, ranks=ranks, fixed_shapes=fixed_shapes, per_row=per_row
         )
@@ -226,7 +235,7 @@ class CrossLayerTranscoder(nn.Module):
         for layer, (lat, pre) in enumerate(zip(latents, pres, strict=True)):
             if self.cfg.arch == "relu":
                 sparsity = sparsity + row_mean((lat.values * self.decoder_norms(layer)).sum(-1), ranks) / d
-            elif self.cfg.arch == "jumprelu":
+            elif self.cfg.arch == "jumprelu" and not per_row:
                 l0 = step(pre, self.threshold(layer), self.cfg.jumprelu_bandwidth)
                 sparsity = sparsity + row_mean(l0.sum(-1), ranks) / d
         if self.training and self.cfg.arch == "batchtopk" and not per_row:
@@ -234,6 +243,10 @@ class CrossLayerTranscoder(nn.Module):
                 for layer, lat in enumerate(latents):
                     old = self.batch_threshold[layer]
                     self.batch_threshold[layer] = track_threshold(old, lat, ranks)
+        if self.training and self.cfg.arch == "jumprelu" and per_row:
+            with torch.no_grad():
+                for layer, lat in enumerate(latents):
+                    self.log_threshold[layer] = track_latent_thresholds(self.log_threshold[layer], lat, ranks)
         return CLTForwardOutput(outs, latents, loss, auxk, sparsity)
 
     def remove_parallel_grads(self) -> None:

@@ -100,7 +100,8 @@ def train(
         float,
         typer.Option(
             "--topk-warmup",
-            help="BatchTopK: select per token (as TopK) over this first fraction of the steps (0 to turn off).",
+            help="BatchTopK, JumpReLU: select each token's top k (as TopK) over this first fraction of the "
+            "steps (0 to turn off).",
         ),
     ] = TrainConfig.topk_warmup_fraction,
     b_dec_init: Annotated[str, typer.Option("--b-dec-init", help="median | mean | zero.")] = "median",

@@ -145,13 +145,16 @@ class TrainConfig:
     sparsity_warmup_fraction: float = 0.05
     """The sparsity coefficient ramps linearly from zero over this first fraction of the steps."""
     topk_warmup_fraction: float = 1 / 3
-    """BatchTopK: select each token's top k (as TopK) over this first fraction of the steps, then the batch's
-    top k x batch. From a fresh dictionary the batch-wide cut ranks random projections, so it hands most
-    activations to the tokens with the largest norms and the latents settle on blends of features; started
-    once TopK has found them, BatchTopK keeps them (toy features, 600 steps: mean max cosine 0.77
-    batch-wide from the start, 0.98 with the first third per token; on mri-base the FVU at equal L0 stays
-    within 1%, and at k 16 1.4% of the latents die instead of 17%). The inference threshold is tracked from
-    the switch on."""
+    """BatchTopK and JumpReLU: select each token's top k (as TopK) over this first fraction of the steps.
+    BatchTopK then takes the batch's top k x batch. From a fresh dictionary the batch-wide cut ranks random
+    projections, so it hands most activations to the tokens with the largest norms and the latents settle on
+    blends of features; started once TopK has found them, BatchTopK keeps them (toy features, 600 steps: mean
+    max cosine 0.77 batch-wide from the start, 0.98 with the first third per token; on mri-base the FVU at
+    equal L0 stays within 1%, and at k 16 1.4% of the latents die instead of 17%). Its inference threshold
+    is tracked from the switch on. JumpReLU, from low initial thresholds, fires on a large share of the
+    tokens and learns blends that its L0 penalty then kills; over the warm-up its thresholds follow the
+    selection instead, without the penalty, and at the switch it fires about k a token (toy: 0.85 without,
+    0.98 with the warm-up)."""
     auxk: bool | None = None
     """AuxK loss that revives dead latents; None: on for topk and batchtopk."""
     auxk_alpha: float = 1 / 32
@@ -205,8 +208,8 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 20)
 
     def per_row(self, arch: str, step: int) -> bool:
-        """Whether BatchTopK selects per row at `step` (its TopK warm-up)."""
-        return arch == "batchtopk" and step < int(self.topk_warmup_fraction * self.steps)
+        """Whether BatchTopK or JumpReLU selects each row's top k at `step` (their TopK warm-up)."""
+        return arch in ("batchtopk", "jumprelu") and step < int(self.topk_warmup_fraction * self.steps)
 
     def dead_after(self) -> int:
         if self.dead_tokens is not None:

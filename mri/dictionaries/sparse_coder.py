@@ -128,8 +128,9 @@ def encode_latents(
     The pre-activations are returned without grad for TopK and BatchTopK (their grads flow through the
     gathered pairs only, unless `sparse_kernels` is off, the dense reference path). BatchTopK in training
     selects over the global batch of data-parallel `ranks`; with `fixed_shapes` (a captured CUDA-graph step)
-    it keeps all k x batch pairs it selects, the non-positive ones at activation zero; with `per_row` it
-    selects each row's top k instead, as TopK does (the trainer's TopK warm-up of BatchTopK).
+    it keeps all k x batch pairs it selects, the non-positive ones at activation zero; with `per_row`,
+    BatchTopK and JumpReLU in training select each row's top k instead, as TopK does (the trainer's TopK
+    warm-up).
 
     Gated takes `magnitude` = (r_mag, b_mag): a latent fires where its gate x W.T + b is positive, at
     relu(exp(r_mag) * x W.T + b_mag); its pre-activations are the gate's.
@@ -139,11 +140,11 @@ def encode_latents(
         proj = x @ W.T
         gate = proj + b
         return Latents((gate > 0).to(proj.dtype) * torch.relu(proj * r_mag.exp() + b_mag), None), gate
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk") or (arch == "jumprelu" and training and per_row):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse_kernels):
             pre = torch.addmm(b, x, W.T)
         if arch == "topk" or (training and per_row):
-            pairs = topk_pairs(pre.detach(), k)
+            pairs = topk_pairs(pre.detach(), min(k, pre.shape[1]))  # JumpReLU's k is only its warm-up's
         elif training:
             pairs = batchtopk_pairs(pre.detach(), k, ranks, fixed_shapes=fixed_shapes)
         else:
@@ -207,6 +208,27 @@ def auxk_loss(
         for r, W in zip(residuals, W_decs, strict=True)
     )
     return scale * loss / len(residuals)
+
+
+@torch.no_grad()
+def track_latent_thresholds(
+    log_threshold: torch.Tensor, latents: Latents, ranks: Ranks | None = None
+) -> torch.Tensor:
+    """JumpReLU's log-thresholds (n_latents,) moved towards the mean activation at which each latent was
+    picked by the TopK warm-up's selection in this batch (of all `ranks`): a running mean over about 20
+    batches, so that at the switch each latent fires where the selection had kept it (toy features: about
+    k a token at the first JumpReLU step). A latent picked nowhere in the batch keeps its threshold."""
+    pairs, values = latents.pairs, latents.values.detach().float()
+    n = log_threshold.shape[0]
+    positive = (values > 0).float()
+    sums = values.new_zeros(n).index_add_(0, pairs.latents, values)
+    counts = values.new_zeros(n).index_add_(0, pairs.latents, positive)
+    if ranks is not None and not ranks.single:
+        sums, counts = ranks.sum(sums), ranks.sum(counts)
+    threshold = log_threshold.float().exp()
+    mean = sums / counts.clamp_min(1)
+    moved = torch.where(counts > 0, 0.95 * threshold + 0.05 * mean, threshold)
+    return moved.log().to(log_threshold.dtype)
 
 
 @torch.no_grad()
@@ -390,8 +412,9 @@ class SparseCoder(nn.Module):
         uses the top `aux_k` (default d_out / 2) dead latents to reconstruct the residual; `n_dead`, when the
         caller knows it (dead.sum()), spares a read-back from the device. `fixed_shapes` (a captured CUDA-graph
         step): no shape depends on the data; BatchTopK keeps zero-valued pairs (`encode_latents`) and AuxK
-        takes the dead count on the device (`auxk_loss`). `per_row`: BatchTopK selects per row, as TopK, and
-        leaves its inference threshold alone (the trainer's TopK warm-up).
+        takes the dead count on the device (`auxk_loss`). `per_row` (the trainer's TopK warm-up): BatchTopK
+        selects per row, as TopK, and leaves its inference threshold alone; JumpReLU selects as TopK too,
+        without its L0 penalty, and sets its thresholds from the selection (`track_latent_thresholds`).
 
         With data-parallel `ranks`, x and y are this rank's rows and every loss is this rank's share of
         the global batch's loss (the shares sum to it)."""
@@ -431,11 +454,14 @@ class SparseCoder(nn.Module):
             sparsity = row_mean((latents.values * self.W_dec.norm(dim=1)).sum(-1), ranks) / self.cfg.d_out
         elif gate is not None:
             sparsity = row_mean(gate.sum(-1), ranks) / self.cfg.d_out  # unit decoder rows
-        elif self.cfg.arch == "jumprelu":
+        elif self.cfg.arch == "jumprelu" and not per_row:
             l0 = step(pre, self.threshold, self.cfg.jumprelu_bandwidth)
             sparsity = row_mean(l0.sum(-1), ranks) / self.cfg.d_out
         if self.training and self.cfg.arch == "batchtopk" and not per_row:
             self.batch_threshold.copy_(track_threshold(self.batch_threshold, latents, ranks))
+        if self.training and self.cfg.arch == "jumprelu" and per_row:
+            with torch.no_grad():
+                self.log_threshold.copy_(track_latent_thresholds(self.log_threshold, latents, ranks))
         return ForwardOutput(out, latents, loss, auxk, sparsity, recon)
 
     @torch.no_grad()

@@ -203,7 +203,7 @@ class Trainer:
         self._static_in: dict[str, torch.Tensor] | None = None
         """The captured steps' input buffers, shared by both (None: nothing captured yet)."""
         self._per_row: list[bool] | None = None
-        """Per dictionary, whether this step selects BatchTopK per row (`TrainConfig.per_row`), set by
+        """Per dictionary, whether this step selects BatchTopK or JumpReLU per row (`TrainConfig.per_row`), set by
         `train_step` before the forward; when it changes, the captured steps are dropped and captured again."""
         self.set_cuda_graphs(cfg.cuda_graphs)
 
