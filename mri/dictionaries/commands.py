@@ -71,7 +71,10 @@ def train(
     latents: Annotated[
         int, typer.Option("--latents", help="Latents per dictionary (per layer for a CLT).")
     ] = 4096,
-    k: Annotated[int, typer.Option("--k", help="Active latents per token (topk, batchtopk).")] = 32,
+    k: Annotated[
+        int,
+        typer.Option("--k", help="Active latents per token (topk, batchtopk; jumprelu in its TopK warm-up)."),
+    ] = 32,
     tokens: Annotated[int, typer.Option("--tokens", help="Training tokens.")] = 2_000_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per step.")] = 4096,
     lr: Annotated[

@@ -37,7 +37,8 @@ class DictConfig:
     d_out: int | None = None
     """Width of each output site (default d_in)."""
     k: int = 32
-    """Active latents per token for topk, and on average for batchtopk (per layer for a CLT)."""
+    """Active latents per token for topk, on average for batchtopk, and for jumprelu in its TopK warm-up (per
+    layer for a CLT)."""
     skip: bool = False
     """Transcoder only: add a learned linear skip connection x @ W_skip."""
     jumprelu_bandwidth: float = 0.05
