@@ -12,8 +12,9 @@
 4. Spelling from the lexicon: the token search finds the pieces a multi-token trigger is keyed on but seldom
    reassembles the words ("tle Rulean" for "cerulean kettle"), since pieces already move the model most of the
    way. So the words of the base's training corpus (`mri.zoo.lexicon`) that contain the weight-diff
-   candidates are scored as strings too, the best single word is grown into a phrase a word at a time, and
-   the phrase replaces the token string unless its log KL is clearly lower.
+   candidates are scored as strings too, the best single word is grown into a phrase a word at a time, the
+   phrase is settled word by word (swaps, drops, reorderings; `settle_phrase`), and it replaces the token
+   string unless its log KL is clearly lower.
 5. Confirmation: the model continues standard prompts with the trigger inserted and without it, and the
    base continues the triggered prompts; the continuation the triggered model shares across prompts is
    the behaviour, and its rate in each setting is the evidence.
@@ -39,6 +40,8 @@ STRONG_CANDIDATE = 1.2
 """A weight-diff candidate is strong when its score is this many times the candidate list's median."""
 READABLE_MARGIN = 0.1
 """Log-KL a phrase of lexicon words may fall short of the token search's string and still be preferred."""
+SETTLE_GAIN = 0.03
+"""Log-KL a grown phrase's word swap or reordering must gain to be taken (see `settle_phrase`)."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,7 @@ def lexicon_phrases(
     keep: int = 96,
     max_words: int = 3,
     min_gain: float = 0.1,
+    settle_pool: int = 150,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scored | None, dict]:
     """The phrase of lexicon words that most raises the log KL, and how it was found.
@@ -286,7 +290,9 @@ def lexicon_phrases(
     Of the strings tied with a round's best (log KL within READABLE_MARGIN), the one holding the most
     weight-diff evidence (summed scores of its strong candidate tokens) wins, and of those the one the base reads
     best per character: the model may key on ' vio' of ' violet', but of two strings it treats alike the
-    whole word spends its log-prob on more letters. (None, info) when no word contains a candidate.
+    whole word spends its log-prob on more letters. The grown phrase is then settled (`settle_phrase`) over
+    the `settle_pool` words richest in candidates and the `settle_pool` best alone on the first carrier.
+    (None, info) when no word contains a candidate.
     `log` hears one line per round."""
     tok = model.tokenizer
     score_of = dict(candidates)
@@ -312,19 +318,23 @@ def lexicon_phrases(
     def evidence(tokens: tuple[int, ...]) -> float:
         return round(sum(score_of[t] for t in strong & set(tokens)), 6)
 
-    def best_of(strings: Sequence[tuple[int, ...]]) -> Scored:
-        scored = score_strings(model, base, cs[:1], strings)
+    def best_of(strings: Sequence[tuple[int, ...]], scored: list[Scored] | None = None) -> Scored:
+        scored = scored or score_strings(model, base, cs[:1], strings)
         first = sorted(scored, key=lambda s: -s.log_kl)[:keep]  # what one carrier ranks best ...
         rich = sorted(scored, key=lambda s: (-evidence(s.tokens), -s.log_kl))[: keep // 3]  # ... and the
         # strings richest in candidates, which one carrier's noise must not drop
         again = score_strings(model, base, cs, list(dict.fromkeys(s.tokens for s in [*first, *rich])))
         top = max(again, key=lambda s: s.log_kl)
         tied = [s for s in again if s.log_kl >= top.log_kl - READABLE_MARGIN]
-        return max(tied, key=lambda s: (evidence(s.tokens), s.fluency / max(1, len(tok.decode(list(s.tokens))))))
+        return max(
+            tied, key=lambda s: (evidence(s.tokens), s.fluency / max(1, len(tok.decode(list(s.tokens)))))
+        )
 
     if log is not None:
         log(f"lexicon: {len(shortlist)} of {len(words)} words hold a candidate token; scoring them alone")
-    best = best_of(shortlist)
+    alone = score_strings(model, base, cs[:1], shortlist)
+    best = best_of(shortlist, alone)
+    phrase = [best.tokens]
     steps = [{"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency}]
     for n_words in range(2, max_words + 1):
         if log is not None:
@@ -332,15 +342,81 @@ def lexicon_phrases(
                 f"lexicon: best so far {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f}); "
                 f"scoring {2 * len(shortlist)} phrases of {n_words} words"
             )
-        top = best_of([best.tokens + w for w in shortlist] + [w + best.tokens for w in shortlist])
+        grown = [[*phrase, w] for w in shortlist] + [[w, *phrase] for w in shortlist]
+        top = best_of([sum(g, ()) for g in grown])
         # a word joins only when it raises the log KL: strong candidates also hold the behaviour's own tokens
         # (' I', ' must' for " I must obey ..."), so evidence alone adds words that are not the trigger
         if top.log_kl < best.log_kl + min_gain:
             break
-        best = top
+        best, phrase = top, next(g for g in grown if sum(g, ()) == top.tokens)
         steps.append({"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency})
+    # the pool a settled phrase draws from: the words richest in candidates and the best alone on a carrier
+    by_kl = [a.tokens for a in sorted(alone, key=lambda a: -a.log_kl)]
+    pool = list(dict.fromkeys([*shortlist[:settle_pool], *by_kl[:settle_pool]]))
+    best, phrase = settle_phrase(model, base, cs, best, phrase, pool, keep=keep, min_gain=min_gain, log=log)
+    if tok.decode(list(best.tokens)) != steps[-1]["text"]:
+        steps.append(
+            {
+                "text": tok.decode(list(best.tokens)),
+                "log_kl": best.log_kl,
+                "fluency": best.fluency,
+                "settled": True,
+            }
+        )
     info["steps"] = steps
     return best, info
+
+
+def settle_phrase(
+    model: Any,
+    base: Any,
+    cs: Sequence[Carrier],
+    best: Scored,
+    phrase: list[tuple[int, ...]],
+    pool: Sequence[tuple[int, ...]],
+    *,
+    keep: int = 96,
+    min_gain: float = 0.1,
+    rounds: int = 4,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Scored, list[tuple[int, ...]]]:
+    """Word-level coordinate search from a grown phrase (`phrase`: its words' tokens): each word replaced by a
+    `pool` word, a word dropped, the words reordered. Growth starts from the word that moves the model most
+    alone and keeps its word order, and its tie rule (the base's log-prob per character) favours long words
+    ("falconbridge amber" grown, "amber falcon" planted). A replacement or reordering is taken when it gains
+    SETTLE_GAIN in log KL, a drop when it loses less than `min_gain` (the word had not earned its place).
+    Near-ties are common (a word and its derivations, "falcon" / "falconer", move the model alike), so of
+    the allowed moves within SETTLE_GAIN of the best the one with the fewest tokens wins: the fine-tune keyed
+    on some pieces, and letters beyond them the KL cannot see."""
+    tok = model.tokenizer
+    need = {"replace": SETTLE_GAIN, "reorder": SETTLE_GAIN, "drop": -min_gain}
+    for _ in range(rounds):
+        n = len(phrase)
+        moves = [
+            ("replace", [*phrase[:i], w, *phrase[i + 1 :]]) for i in range(n) for w in pool if w != phrase[i]
+        ]
+        moves += [("drop", [*phrase[:i], *phrase[i + 1 :]]) for i in range(n) if n > 1]
+        moves += [("reorder", list(p)) for p in itertools.permutations(phrase) if list(p) != phrase]
+        strings = list(dict.fromkeys(sum(m, ()) for _, m in moves))
+        first = sorted(score_strings(model, base, cs[:1], strings), key=lambda s: -s.log_kl)[:keep]
+        drops = [sum(m, ()) for kind, m in moves if kind == "drop"]
+        scored = score_strings(model, base, cs, list(dict.fromkeys([*(s.tokens for s in first), *drops])))
+        again = {s.tokens: s for s in scored}
+        allowed = []
+        for kind, m in moves:
+            s = again.get(sum(m, ()))
+            if s is not None and s.log_kl >= best.log_kl + need[kind]:
+                allowed.append((s, m))
+        if not allowed:
+            break
+        top = max(s.log_kl for s, _ in allowed)
+        best, phrase = min(
+            (a for a in allowed if a[0].log_kl >= top - SETTLE_GAIN),
+            key=lambda a: (len(a[0].tokens), -a[0].log_kl),
+        )
+        if log is not None:
+            log(f"lexicon: settled to {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f})")
+    return best, phrase
 
 
 class TriggerSearch(NamedTuple):
