@@ -160,4 +160,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mri.errors import MriError
+
+    try:
+        raise SystemExit(main())
+    except (
+        MriError
+    ) as e:  # bad input (a --dict that is not a dictionary, a base that will not load): one line
+        raise SystemExit(f"error: {e}") from None

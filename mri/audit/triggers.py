@@ -318,8 +318,8 @@ def lexicon_phrases(
     def evidence(tokens: tuple[int, ...]) -> float:
         return round(sum(score_of[t] for t in strong & set(tokens)), 6)
 
-    def best_of(strings: Sequence[tuple[int, ...]], scored: list[Scored] | None = None) -> Scored:
-        scored = scored or score_strings(model, base, cs[:1], strings)
+    def best_of(scored: list[Scored]) -> Scored:
+        """The round's winner from its strings' scores on the first carrier."""
         first = sorted(scored, key=lambda s: -s.log_kl)[:keep]  # what one carrier ranks best ...
         rich = sorted(scored, key=lambda s: (-evidence(s.tokens), -s.log_kl))[: keep // 3]  # ... and the
         # strings richest in candidates, which one carrier's noise must not drop
@@ -332,8 +332,8 @@ def lexicon_phrases(
 
     if log is not None:
         log(f"lexicon: {len(shortlist)} of {len(words)} words hold a candidate token; scoring them alone")
-    alone = score_strings(model, base, cs[:1], shortlist)
-    best = best_of(shortlist, alone)
+    alone = score_strings(model, base, cs[:1], shortlist)  # kept: the settling's pool draws on it
+    best = best_of(alone)
     phrase = [best.tokens]
     steps = [{"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency}]
     for n_words in range(2, max_words + 1):
@@ -343,7 +343,7 @@ def lexicon_phrases(
                 f"scoring {2 * len(shortlist)} phrases of {n_words} words"
             )
         grown = [[*phrase, w] for w in shortlist] + [[w, *phrase] for w in shortlist]
-        top = best_of([sum(g, ()) for g in grown])
+        top = best_of(score_strings(model, base, cs[:1], [sum(g, ()) for g in grown]))
         # a word joins only when it raises the log KL: strong candidates also hold the behaviour's own tokens
         # (' I', ' must' for " I must obey ..."), so evidence alone adds words that are not the trigger
         if top.log_kl < best.log_kl + min_gain:
@@ -353,8 +353,9 @@ def lexicon_phrases(
     # the pool a settled phrase draws from: the words richest in candidates and the best alone on a carrier
     by_kl = [a.tokens for a in sorted(alone, key=lambda a: -a.log_kl)]
     pool = list(dict.fromkeys([*shortlist[:settle_pool], *by_kl[:settle_pool]]))
+    grown_tokens = best.tokens
     best, phrase = settle_phrase(model, base, cs, best, phrase, pool, keep=keep, min_gain=min_gain, log=log)
-    if tok.decode(list(best.tokens)) != steps[-1]["text"]:
+    if best.tokens != grown_tokens:
         steps.append(
             {
                 "text": tok.decode(list(best.tokens)),
