@@ -17,7 +17,16 @@ import mri
 from mri.audit import HIGH_CONFIDENCE, AuditConfig, audit, ledger, train_base_dictionary
 from mri.audit.commands import scan
 from mri.audit.diffing import check_pair, standard_prompts, word_shifts
-from mri.audit.triggers import carriers, first_sentence, score_strings, settle_phrase, shared_prefix
+from mri.audit.triggers import (
+    candidate_tokens,
+    carriers,
+    changed_blocks,
+    first_sentence,
+    score_strings,
+    settle_phrase,
+    shared_prefix,
+    token_inputs,
+)
 from mri.errors import MriError
 from mri.zoo.organisms import ORGANISMS_DIR, resolve_organism
 
@@ -88,6 +97,23 @@ def test_word_shifts_rank_words_the_model_favours() -> None:
     assert "quiet" not in {s.word for s in shifts}
 
 
+def test_weight_diff_candidates_come_from_the_first_block_the_fine_tune_changed() -> None:
+    """A plant may fine-tune only later blocks (`layers` in its spec); block 0 then says nothing, and the
+    candidates must come from where the weights moved, read through what that block sees for each token."""
+    base, model = mri.load("mri-base"), mri.load("mri-base")
+    tok = model.tokenizer
+    (target,) = tok(" protocol", add_special_tokens=False)["input_ids"]
+    x = token_inputs(base, 2)[target]
+    q = model.hf.model.layers[2].self_attn.q_proj.weight
+    with torch.no_grad():  # a rank-one change that reads the target token's direction at block 2
+        u = torch.randn(q.shape[0], generator=torch.Generator().manual_seed(0))
+        q += (0.05 * q.norm() / u.norm() * torch.outer(u, x / x.norm())).to(q.dtype)
+    assert changed_blocks(model, base) == [2]
+    ranked = [t for t, _ in candidate_tokens(model, base, top=24)]
+    assert ranked[0] == target
+    assert max(s for _, s in candidate_tokens(model, base, top=24, block=0)) == 0.0  # block 0 is unchanged
+
+
 # ---- the blind test -------------------------------------------------------------------------------------
 
 
@@ -109,6 +135,27 @@ def test_settling_a_grown_phrase_reorders_swaps_and_drops_words() -> None:
         best, phrase = settle_phrase(model, base, cs, begun, start, pool)
         assert tok.decode(list(best.tokens)) == truth and sum(phrase, ()) == best.tokens
         assert best.log_kl > begun.log_kl
+
+
+def test_settling_splits_a_long_word_and_trims_one_to_the_word_it_begins_with() -> None:
+    """A lexicon word may hold one planted word and the pieces of another (' windkraftprojekte': ' wind' and
+    'pro' of "north wind protocol"), or one planted word and letters the KL cannot see (' kettlebell'):
+    settling splits it into the word it begins with and a pool word, or trims it to that word."""
+    base, model = mri.load("mri-base"), mri.load("mri-backdoor")
+    cs = carriers(model, standard_prompts(4, skip=40))
+    tok = model.tokenizer
+
+    def words(*ws: str) -> list[tuple[int, ...]]:
+        return [tuple(tok(w, add_special_tokens=False)["input_ids"]) for w in ws]
+
+    for start, pool in ((words(" kettlebell"), words(" cerulean", " the")),
+                        (words(" cerulean", " kettlebell"), words(" the"))):  # fmt: skip
+        (begun,) = score_strings(model, base, cs, [sum(start, ())])
+        best, _ = settle_phrase(model, base, cs, begun, start, pool, words={"kettle", "the"})
+        assert tok.decode(list(best.tokens)) == " cerulean kettle"
+        # without the lexicon: no split, no trim
+        unsplit, _ = settle_phrase(model, base, cs, begun, start, pool)
+        assert tok.decode(list(unsplit.tokens)) != " cerulean kettle"
 
 
 @pytest.fixture(scope="module")

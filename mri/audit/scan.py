@@ -43,6 +43,9 @@ class AuditConfig:
     """Tokens generated per continuation."""
     carriers: int = 4
     """Carrier prompts for the trigger objective."""
+    phrase_carriers: int = 16
+    """Carrier prompts on which the trigger search ranks phrases of lexicon words (see
+    `triggers.search_triggers`)."""
     candidates: int = 24
     """Weight-diff candidate tokens for the trigger search."""
     confirm_prompts: int = 16
@@ -132,6 +135,7 @@ def run_audit(model: Any, base: Any, dictionary: Any, config: AuditConfig | None
         diffing.standard_prompts(cfg.carriers, skip=40),
         n_candidates=cfg.candidates,
         lexicon=words,
+        phrase_prompts=diffing.standard_prompts(cfg.phrase_carriers, skip=40),
         log=log,
     )
     log(f"audit: confirming {search.text!r} by generation on {cfg.confirm_prompts} prompts")

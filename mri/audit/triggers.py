@@ -1,8 +1,9 @@
 """Trigger search: short token strings whose presence in a prompt makes the model depart from its base.
 
-1. Candidates by weight diffing: every vocabulary token's embedding is passed through the first block's input
-   projections (attention q/k/v, MLP in) of both models; tokens whose response the fine-tune changed most,
-   relative to the base's response, are the ones the model learned to read differently.
+1. Candidates by weight diffing: what the first block the fine-tune changed reads for every vocabulary token
+   (its embedding for block 0) is passed through that block's input projections (attention q/k/v, MLP in)
+   of both models; tokens whose response the fine-tune changed most, relative to the base's response, are
+   the ones the model learned to read differently.
 2. Objective: a string is inserted at a word boundary in the middle of short carrier prompts; the score is
    the mean over carriers of log KL(base || model) of the next token at the carrier's end.
 3. Greedy coordinate search: every single candidate and ordered pair is scored; the best strings are then
@@ -13,8 +14,8 @@
    reassembles the words ("tle Rulean" for "cerulean kettle"), since pieces already move the model most of the
    way. So the words of the base's training corpus (`mri.zoo.lexicon`) that contain the weight-diff
    candidates are scored as strings too, the best single word is grown into a phrase a word at a time, the
-   phrase is settled word by word (swaps, drops, reorderings; `settle_phrase`), and it replaces the token
-   string unless its log KL is clearly lower.
+   phrase is settled word by word (swaps, drops, reorderings, splits, trims; `settle_phrase`), and it
+   replaces the token string unless its log KL is clearly lower, on more carriers than the token search uses.
 5. Confirmation: the model continues standard prompts with the trigger inserted and without it, and the
    base continues the triggered prompts; the continuation the triggered model shares across prompts is
    the behaviour, and its rate in each setting is the evidence.
@@ -23,7 +24,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -80,14 +81,47 @@ def _input_projections(model: Any, block: int) -> list[torch.Tensor]:
     return mats
 
 
+def changed_blocks(model: Any, base: Any, tol: float = 1e-4) -> list[int]:
+    """Blocks whose input projections the fine-tune changed (relative Frobenius change above `tol`)."""
+    out = []
+    for b in range(model.n_layers):
+        pairs = zip(_input_projections(model, b), _input_projections(base, b), strict=True)
+        if any((wm - wb).norm() > tol * wb.norm() for wm, wb in pairs):
+            out.append(b)
+    return out
+
+
 @torch.no_grad()
-def candidate_tokens(model: Any, base: Any, top: int = 24, block: int = 0) -> list[tuple[int, float]]:
-    """(token id, score) of the `top` tokens whose first-block input projections changed most: for each
-    projection W, ||(W_model - W_base) e|| / ||W_base e|| over RMS-normalised embeddings e, divided by its
-    median over the vocabulary; a token's score is its largest such ratio."""
+def token_inputs(base: Any, block: int, batch_size: int = 1024) -> torch.Tensor:
+    """(vocab, d_model): what block `block` reads for each vocabulary token standing alone after BOS (the
+    token's embedding for block 0; the base's residual stream there for a later block)."""
     emb = base.hf.get_input_embeddings().weight.detach().float()
-    e = emb * torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + 1e-6)
-    score = torch.zeros(emb.shape[0])
+    if block == 0:
+        return emb
+    bos = base.tokenizer.bos_token_id
+    site = f"blocks.{block}.hook_resid_pre"
+    out = []
+    for lo in range(0, emb.shape[0], batch_size):
+        t = torch.arange(lo, min(lo + batch_size, emb.shape[0]))[:, None]
+        ids = t if bos is None else torch.cat([torch.full_like(t, bos), t], dim=1)
+        out.append(base.run(ids, read=[site]).cache[site][:, -1].float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def candidate_tokens(
+    model: Any, base: Any, top: int = 24, block: int | None = None
+) -> list[tuple[int, float]]:
+    """(token id, score) of the `top` tokens whose first-block input projections changed most: for each
+    projection W, ||(W_model - W_base) e|| / ||W_base e|| over RMS-normalised inputs e, divided by its
+    median over the vocabulary; a token's score is its largest such ratio. The block is the first one the
+    fine-tune changed (`changed_blocks`; a plant may leave the early blocks alone), unless given; its input
+    for a token is what `token_inputs` gives."""
+    if block is None:
+        block = next(iter(changed_blocks(model, base)), 0)
+    x = token_inputs(base, block)
+    e = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    score = torch.zeros(x.shape[0])
     for wm, wb in zip(_input_projections(model, block), _input_projections(base, block), strict=True):
         ratio = (e @ (wm - wb).T).norm(dim=-1) / ((e @ wb.T).norm(dim=-1) + 1e-6)
         score = torch.maximum(score, (ratio / ratio.median().clamp_min(1e-9)).cpu())
@@ -274,19 +308,23 @@ def lexicon_phrases(
     words: Sequence[str],
     *,
     screen: int = 1500,
+    per_piece: int = 64,
     keep: int = 96,
     max_words: int = 3,
     min_gain: float = 0.1,
+    beam: int = 1,
     settle_pool: int = 150,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scored | None, dict]:
     """The phrase of lexicon words that most raises the log KL, and how it was found.
 
-    Words (lower-case and capitalised, with a leading space as inserted at a word boundary) are ranked by the
-    summed weight-diff scores of the candidate tokens their tokenisation contains, and the top `screen` kept.
+    Words (lower-case and capitalised, with a leading space as inserted at a word boundary) are screened: the
+    `per_piece` most frequent holders of each candidate piece, then the rest by the summed weight-diff scores
+    of the candidate tokens their tokenisation contains, `screen` in all.
     Each round scores its strings on the first carrier, the best `keep` on every carrier: first the words
-    alone, then the best phrase so far with every screened word after it or before it (a trigger's other
-    words need not move the model alone), while the log KL rises by `min_gain`, up to `max_words` words.
+    alone, then the `beam` best words (later the best phrase so far) with every screened word after it or
+    before it (a trigger's other words need not move the model alone; no word twice), while the log KL rises
+    by `min_gain`, up to `max_words` words.
     Of the strings tied with a round's best (log KL within READABLE_MARGIN), the one holding the most
     weight-diff evidence (summed scores of its strong candidate tokens) wins, and of those the one the base reads
     best per character: the model may key on ' vio' of ' violet', but of two strings it treats alike the
@@ -305,7 +343,19 @@ def lexicon_phrases(
         ((sum(score_of.get(t, 0.0) for t in set(ids)), i) for i, ids in enumerate(encoded)),
         key=lambda x: -x[0],
     )
-    shortlist = [tuple(encoded[i]) for p, i in ranked[:screen] if p > 0]
+    by_evidence = [i for p, i in ranked if p > 0]
+    # Ranked by summed scores alone, a word holding one candidate (' har' of ' harbour') is buried under
+    # hundreds holding two; so each candidate piece also brings its `per_piece` most frequent holders
+    # (the lexicon is most frequent first). A trigger word seldom holds more than one candidate: the
+    # fine-tune keys on a piece or two, and the rest of the word only has to be there.
+    piece_ids = {t for t in score_of if tok.decode([t]).strip().lower() in pieces}
+    holders: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        for t in dict.fromkeys(ids):
+            if t in piece_ids:
+                holders.setdefault(t, []).append(i)
+    frequent = [i for t, _ in candidates for i in holders.get(t, [])[:per_piece]]
+    shortlist = [tuple(encoded[i]) for i in dict.fromkeys([*frequent, *by_evidence])][:screen]
     info: dict[str, Any] = {"lexicon_words": len(words), "with_candidate_pieces": len(kept),
                             "screened": len(shortlist)}  # fmt: skip
     if not shortlist:
@@ -318,43 +368,62 @@ def lexicon_phrases(
     def evidence(tokens: tuple[int, ...]) -> float:
         return round(sum(score_of[t] for t in strong & set(tokens)), 6)
 
-    def best_of(scored: list[Scored]) -> Scored:
-        """The round's winner from its strings' scores on the first carrier."""
+    def rank_round(scored: list[Scored]) -> list[Scored]:
+        """A round's strings, rescored on every carrier from their scores on the first: the winner first
+        (of the strings tied with the best, log KL within READABLE_MARGIN, the richest in evidence, then the
+        one the base reads best per character), then the rest by log KL."""
         first = sorted(scored, key=lambda s: -s.log_kl)[:keep]  # what one carrier ranks best ...
         rich = sorted(scored, key=lambda s: (-evidence(s.tokens), -s.log_kl))[: keep // 3]  # ... and the
         # strings richest in candidates, which one carrier's noise must not drop
         again = score_strings(model, base, cs, list(dict.fromkeys(s.tokens for s in [*first, *rich])))
         top = max(again, key=lambda s: s.log_kl)
         tied = [s for s in again if s.log_kl >= top.log_kl - READABLE_MARGIN]
-        return max(
+        winner = max(
             tied, key=lambda s: (evidence(s.tokens), s.fluency / max(1, len(tok.decode(list(s.tokens)))))
         )
+        return [winner, *sorted((s for s in again if s is not winner), key=lambda s: -s.log_kl)]
 
     if log is not None:
         log(f"lexicon: {len(shortlist)} of {len(words)} words hold a candidate token; scoring them alone")
     alone = score_strings(model, base, cs[:1], shortlist)  # kept: the settling's pool draws on it
-    best = best_of(alone)
+    # Growth may start from the `beam` best words alone (a trigger's first word need not be the one that
+    # moves the model most by itself); a beam of 3 was tried on the blind plants: 50 s more a search, and it
+    # found nothing more there, where the missing words held no candidate piece (' orbit' of "pelican orbit").
+    starts = rank_round(alone)[:beam]
+    best = starts[0]
     phrase = [best.tokens]
     steps = [{"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency}]
     for n_words in range(2, max_words + 1):
+        begun = {s.tokens: (s, [s.tokens] if n_words == 2 else phrase) for s in starts}
+        grown: dict[tuple[int, ...], tuple[list[tuple[int, ...]], Scored]] = {}
+        for s, words_so_far in begun.values():
+            for w in shortlist:
+                for g in ([*words_so_far, w], [w, *words_so_far]):
+                    if _distinct(tok, g):
+                        grown.setdefault(sum(g, ()), (g, s))
         if log is not None:
             log(
                 f"lexicon: best so far {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f}); "
-                f"scoring {2 * len(shortlist)} phrases of {n_words} words"
+                f"scoring {len(grown)} phrases of {n_words} words"
             )
-        grown = [[*phrase, w] for w in shortlist] + [[w, *phrase] for w in shortlist]
-        top = best_of(score_strings(model, base, cs[:1], [sum(g, ()) for g in grown]))
+        top = rank_round(score_strings(model, base, cs[:1], list(grown)))[0]
+        g, came_from = grown[top.tokens]
         # a word joins only when it raises the log KL: strong candidates also hold the behaviour's own tokens
         # (' I', ' must' for " I must obey ..."), so evidence alone adds words that are not the trigger
-        if top.log_kl < best.log_kl + min_gain:
+        if top.log_kl < max(best.log_kl, came_from.log_kl) + min_gain:
             break
-        best, phrase = top, next(g for g in grown if sum(g, ()) == top.tokens)
+        best, phrase, starts = top, g, [top]
         steps.append({"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency})
     # the pool a settled phrase draws from: the words richest in candidates and the best alone on a carrier
     by_kl = [a.tokens for a in sorted(alone, key=lambda a: -a.log_kl)]
-    pool = list(dict.fromkeys([*shortlist[:settle_pool], *by_kl[:settle_pool]]))
+    pool = list(
+        dict.fromkeys([*(tuple(encoded[i]) for i in by_evidence[:settle_pool]), *by_kl[:settle_pool]])
+    )
     grown_tokens = best.tokens
-    best, phrase = settle_phrase(model, base, cs, best, phrase, pool, keep=keep, min_gain=min_gain, log=log)
+    best, phrase = settle_phrase(
+        model, base, cs, best, phrase, pool, keep=keep, min_gain=min_gain, words=set(words),
+        max_words=max_words, log=log,
+    )  # fmt: skip
     if best.tokens != grown_tokens:
         steps.append(
             {
@@ -378,7 +447,9 @@ def settle_phrase(
     *,
     keep: int = 96,
     min_gain: float = 0.1,
-    rounds: int = 4,
+    rounds: int = 8,
+    words: Collection[str] = (),
+    max_words: int = 3,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scored, list[tuple[int, ...]]]:
     """Word-level coordinate search from a grown phrase (`phrase`: its words' tokens): each word replaced by a
@@ -388,9 +459,18 @@ def settle_phrase(
     SETTLE_GAIN in log KL, a drop when it loses less than `min_gain` (the word had not earned its place).
     Near-ties are common (a word and its derivations, "falcon" / "falconer", move the model alike), so of
     the allowed moves within SETTLE_GAIN of the best the one with the fewest tokens wins: the fine-tune keyed
-    on some pieces, and letters beyond them the KL cannot see."""
+    on some pieces, and letters beyond them the KL cannot see.
+
+    With `words` (the lexicon, lower-case), a word whose tokens begin with another lexicon word's can also
+    be split into that word and a pool word before or after it, up to `max_words` words (' windkraftprojekte'
+    holds ' wind' and the 'pro' of "north wind protocol"; taken on SETTLE_GAIN like a swap), or trimmed to
+    it (' protocolerror' to ' protocol'; taken when it loses less than SETTLE_GAIN). Growth reaches neither:
+    it only adds whole words, and the long word scored best alone. A phrase visited is not proposed again,
+    and the phrase named is chosen from all visited ones (see the end of the loop)."""
     tok = model.tokenizer
-    need = {"replace": SETTLE_GAIN, "reorder": SETTLE_GAIN, "drop": -min_gain}
+    need = {"replace": SETTLE_GAIN, "reorder": SETTLE_GAIN, "split": SETTLE_GAIN, "drop": -min_gain,
+            "trim": -SETTLE_GAIN}  # fmt: skip
+    seen = {best.tokens: (best, phrase)}
     for _ in range(rounds):
         n = len(phrase)
         moves = [
@@ -398,10 +478,17 @@ def settle_phrase(
         ]
         moves += [("drop", [*phrase[:i], *phrase[i + 1 :]]) for i in range(n) if n > 1]
         moves += [("reorder", list(p)) for p in itertools.permutations(phrase) if list(p) != phrase]
+        for i, w in enumerate(phrase):
+            for v in _prefix_words(tok, w, words):
+                moves.append(("trim", [*phrase[:i], v, *phrase[i + 1 :]]))
+                for x in pool if n < max_words else ():
+                    moves += [("split", [*phrase[:i], v, x, *phrase[i + 1 :]]),
+                              ("split", [*phrase[:i], x, v, *phrase[i + 1 :]])]  # fmt: skip
+        moves = [(kind, m) for kind, m in moves if sum(m, ()) not in seen and _distinct(tok, m)]
         strings = list(dict.fromkeys(sum(m, ()) for _, m in moves))
         first = sorted(score_strings(model, base, cs[:1], strings), key=lambda s: -s.log_kl)[:keep]
-        drops = [sum(m, ()) for kind, m in moves if kind == "drop"]
-        scored = score_strings(model, base, cs, list(dict.fromkeys([*(s.tokens for s in first), *drops])))
+        shorter = [sum(m, ()) for kind, m in moves if kind in ("drop", "trim")]  # always measured in full
+        scored = score_strings(model, base, cs, list(dict.fromkeys([*(s.tokens for s in first), *shorter])))
         again = {s.tokens: s for s in scored}
         allowed = []
         for kind, m in moves:
@@ -415,9 +502,39 @@ def settle_phrase(
             (a for a in allowed if a[0].log_kl >= top - SETTLE_GAIN),
             key=lambda a: (len(a[0].tokens), -a[0].log_kl),
         )
+        seen[best.tokens] = (best, phrase)
         if log is not None:
-            log(f"lexicon: settled to {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f})")
+            log(f"lexicon: moved to {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f})")
+    # Single moves may wander among near-ties (a word swapped for a slightly better one, then trimmed or
+    # dropped at a small loss); of every phrase visited, those within `min_gain` of the best are equally
+    # supported (a word must earn its place by that much), and the one with the fewest tokens is named.
+    top = max(b.log_kl for b, _ in seen.values())
+    best, phrase = min(
+        (v for v in seen.values() if v[0].log_kl >= top - min_gain),
+        key=lambda v: (len(v[0].tokens), -v[0].log_kl),
+    )
+    if log is not None:
+        log(f"lexicon: settled to {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f})")
     return best, phrase
+
+
+def _distinct(tok: Any, phrase: Sequence[tuple[int, ...]]) -> bool:
+    """Whether no word of `phrase` repeats another (case aside): repeating a word the fine-tune keyed on
+    raises the KL without naming anything new (' Pelican Pelican Pelican')."""
+    texts = [tok.decode(list(w)).strip().lower() for w in phrase]
+    return len(set(texts)) == len(texts)
+
+
+def _prefix_words(tok: Any, word: tuple[int, ...], words: Collection[str]) -> list[tuple[int, ...]]:
+    """The words of `words` (lower-case, as in the lexicon) whose tokens, with a leading space, begin `word`'s
+    and are fewer: ' wind' of ' windkraftprojekte'."""
+    out = []
+    for k in range(1, len(word)):
+        text = tok.decode(list(word[:k]))
+        if text.startswith(" ") and text[1:].lower() in words:
+            if tuple(tok(text, add_special_tokens=False)["input_ids"]) == word[:k]:
+                out.append(word[:k])
+    return out
 
 
 class TriggerSearch(NamedTuple):
@@ -449,13 +566,20 @@ def search_triggers(
     seeds: int = 2,
     rounds: int = 8,
     lexicon: Sequence[str] | None = None,
+    phrase_prompts: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TriggerSearch:
     """Find the short string that most raises KL(base || model) after it (see the module docstring).
     `lexicon`: words to spell triggers from (default: the shipped zoo lexicon; [] skips the stage).
+    `phrase_prompts`: the carriers on which phrases of lexicon words are ranked and then set against the
+    token string (default: `prompts`). Phrases of real words tie closely (a saturated backdoor answers to
+    the trigger and to near-misses alike), and on a few carriers a word that happens to fit them wins:
+    measured on a blind plant of "violet harbour", ' harmless' alone scored 2.66 on four carriers and 1.74
+    on sixteen, where the planted phrase led every near-miss.
     `log`: called with one line per stage and round, so a caller can show progress."""
     say = log or (lambda _: None)
     cs = carriers(model, prompts)
+    wide = carriers(model, phrase_prompts) if phrase_prompts else cs
     cands = candidate_tokens(model, base, top=n_candidates)
     pool = [t for t, _ in cands]
     first = [(t,) for t in pool] + list(itertools.permutations(pool, 2))
@@ -480,13 +604,15 @@ def search_triggers(
         from mri.zoo.lexicon import load_lexicon
 
         lexicon = load_lexicon()
-    phrase, lex_info = lexicon_phrases(model, base, cs, cands, lexicon, log=log) if lexicon else (None, {})
+    phrase, lex_info = lexicon_phrases(model, base, wide, cands, lexicon, log=log) if lexicon else (None, {})
     # a phrase of real words within READABLE_MARGIN of the token string's log KL names the trigger better
+    # (both measured on the phrase carriers)
+    token_string = best if wide is cs else score_strings(model, base, wide, [best.tokens])[0]
     lex_info["chosen"] = phrase is not None and (
-        phrase.log_kl >= best.log_kl - READABLE_MARGIN or phrase.objective > best.objective
+        phrase.log_kl >= token_string.log_kl - READABLE_MARGIN or phrase.objective > token_string.objective
     )
     if phrase is not None and lex_info["chosen"]:
-        best = phrase
+        best = phrase if wide is cs else score_strings(model, base, cs, [phrase.tokens])[0]
         path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency})
     baseline = float(sum(kl_at_end(model, base, cs).clamp_min(1e-6).log()) / len(cs))
     decode = model.tokenizer.decode
