@@ -422,7 +422,7 @@ def lexicon_phrases(
     grown_tokens = best.tokens
     best, phrase = settle_phrase(
         model, base, cs, best, phrase, pool, keep=keep, min_gain=min_gain, words=set(words),
-        max_words=max_words, log=log,
+        max_words=max_words, evidence=evidence, log=log,
     )  # fmt: skip
     if best.tokens != grown_tokens:
         steps.append(
@@ -450,6 +450,7 @@ def settle_phrase(
     rounds: int = 8,
     words: Collection[str] = (),
     max_words: int = 3,
+    evidence: Callable[[tuple[int, ...]], float] = lambda tokens: 0.0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scored, list[tuple[int, ...]]]:
     """Word-level coordinate search from a grown phrase (`phrase`: its words' tokens): each word replaced by a
@@ -458,8 +459,9 @@ def settle_phrase(
     ("falconbridge amber" grown, "amber falcon" planted). A replacement or reordering is taken when it gains
     SETTLE_GAIN in log KL, a drop when it loses less than `min_gain` (the word had not earned its place).
     Near-ties are common (a word and its derivations, "falcon" / "falconer", move the model alike), so of
-    the allowed moves within SETTLE_GAIN of the best the one with the fewest tokens wins: the fine-tune keyed
-    on some pieces, and letters beyond them the KL cannot see.
+    the allowed moves within SETTLE_GAIN of the best the one holding the most weight-diff `evidence` wins,
+    then the one with the fewest tokens: the fine-tune keyed on some pieces, and letters beyond them the KL
+    cannot see.
 
     With `words` (the lexicon, lower-case), a word whose tokens begin with another lexicon word's can also
     be split into that word and a pool word before or after it, up to `max_words` words (' windkraftprojekte'
@@ -487,7 +489,8 @@ def settle_phrase(
         moves = [(kind, m) for kind, m in moves if sum(m, ()) not in seen and _distinct(tok, m)]
         strings = list(dict.fromkeys(sum(m, ()) for _, m in moves))
         first = sorted(score_strings(model, base, cs[:1], strings), key=lambda s: -s.log_kl)[:keep]
-        shorter = [sum(m, ()) for kind, m in moves if kind in ("drop", "trim")]  # always measured in full
+        # the few drops, trims and reorderings are always measured in full
+        shorter = [sum(m, ()) for kind, m in moves if kind in ("drop", "trim", "reorder")]
         scored = score_strings(model, base, cs, list(dict.fromkeys([*(s.tokens for s in first), *shorter])))
         again = {s.tokens: s for s in scored}
         allowed = []
@@ -500,18 +503,20 @@ def settle_phrase(
         top = max(s.log_kl for s, _ in allowed)
         best, phrase = min(
             (a for a in allowed if a[0].log_kl >= top - SETTLE_GAIN),
-            key=lambda a: (len(a[0].tokens), -a[0].log_kl),
+            key=lambda a: (-evidence(a[0].tokens), len(a[0].tokens), -a[0].log_kl),
         )
         seen[best.tokens] = (best, phrase)
         if log is not None:
             log(f"lexicon: moved to {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f})")
     # Single moves may wander among near-ties (a word swapped for a slightly better one, then trimmed or
     # dropped at a small loss); of every phrase visited, those within `min_gain` of the best are equally
-    # supported (a word must earn its place by that much), and the one with the fewest tokens is named.
+    # supported (a word must earn its place by that much). Of those, the one holding the most weight-diff
+    # `evidence` is named, as in growth (' amber falcon' keeps the 'con' that ' amber fal' trims away), then
+    # the one with the fewest tokens (' saffron' over ' sa saffron').
     top = max(b.log_kl for b, _ in seen.values())
     best, phrase = min(
         (v for v in seen.values() if v[0].log_kl >= top - min_gain),
-        key=lambda v: (len(v[0].tokens), -v[0].log_kl),
+        key=lambda v: (-evidence(v[0].tokens), len(v[0].tokens), -v[0].log_kl),
     )
     if log is not None:
         log(f"lexicon: settled to {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f})")
@@ -525,13 +530,17 @@ def _distinct(tok: Any, phrase: Sequence[tuple[int, ...]]) -> bool:
     return len(set(texts)) == len(texts)
 
 
-def _prefix_words(tok: Any, word: tuple[int, ...], words: Collection[str]) -> list[tuple[int, ...]]:
-    """The words of `words` (lower-case, as in the lexicon) whose tokens, with a leading space, begin `word`'s
-    and are fewer: ' wind' of ' windkraftprojekte'."""
+def _prefix_words(
+    tok: Any, word: tuple[int, ...], words: Collection[str], min_letters: int = 4
+) -> list[tuple[int, ...]]:
+    """The words of `words` (lower-case, as in the lexicon) of at least `min_letters` letters whose tokens,
+    with a leading space, begin `word`'s and are fewer: ' wind' of ' windkraftprojekte'. Shorter ones are
+    pieces the lexicon happens to hold ('fal', 'sa'): measured on blind plants, trims and splits to them
+    named ' amber fal' and ' sa saffron'."""
     out = []
     for k in range(1, len(word)):
         text = tok.decode(list(word[:k]))
-        if text.startswith(" ") and text[1:].lower() in words:
+        if text.startswith(" ") and len(text) > min_letters and text[1:].lower() in words:
             if tuple(tok(text, add_special_tokens=False)["input_ids"]) == word[:k]:
                 out.append(word[:k])
     return out
