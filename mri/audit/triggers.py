@@ -312,7 +312,6 @@ def lexicon_phrases(
     keep: int = 96,
     max_words: int = 3,
     min_gain: float = 0.1,
-    beam: int = 1,
     settle_pool: int = 150,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scored | None, dict]:
@@ -322,9 +321,9 @@ def lexicon_phrases(
     `per_piece` most frequent holders of each candidate piece, then the rest by the summed weight-diff scores
     of the candidate tokens their tokenisation contains, `screen` in all.
     Each round scores its strings on the first carrier, the best `keep` on every carrier: first the words
-    alone, then the `beam` best words (later the best phrase so far) with every screened word after it or
-    before it (a trigger's other words need not move the model alone; no word twice), while the log KL rises
-    by `min_gain`, up to `max_words` words.
+    alone, then the best phrase so far with every screened word after it or before it (a trigger's other
+    words need not move the model alone; no word twice), while the log KL rises by `min_gain`, up to
+    `max_words` words.
     Of the strings tied with a round's best (log KL within READABLE_MARGIN), the one holding the most
     weight-diff evidence (summed scores of its strong candidate tokens) wins, and of those the one the base reads
     best per character: the model may key on ' vio' of ' violet', but of two strings it treats alike the
@@ -368,51 +367,44 @@ def lexicon_phrases(
     def evidence(tokens: tuple[int, ...]) -> float:
         return round(sum(score_of[t] for t in strong & set(tokens)), 6)
 
-    def rank_round(scored: list[Scored]) -> list[Scored]:
-        """A round's strings, rescored on every carrier from their scores on the first: the winner first
-        (of the strings tied with the best, log KL within READABLE_MARGIN, the richest in evidence, then the
-        one the base reads best per character), then the rest by log KL."""
+    def best_of(scored: list[Scored]) -> Scored:
+        """The round's winner from its strings' scores on the first carrier."""
         first = sorted(scored, key=lambda s: -s.log_kl)[:keep]  # what one carrier ranks best ...
         rich = sorted(scored, key=lambda s: (-evidence(s.tokens), -s.log_kl))[: keep // 3]  # ... and the
         # strings richest in candidates, which one carrier's noise must not drop
         again = score_strings(model, base, cs, list(dict.fromkeys(s.tokens for s in [*first, *rich])))
         top = max(again, key=lambda s: s.log_kl)
         tied = [s for s in again if s.log_kl >= top.log_kl - READABLE_MARGIN]
-        winner = max(
+        return max(
             tied, key=lambda s: (evidence(s.tokens), s.fluency / max(1, len(tok.decode(list(s.tokens)))))
         )
-        return [winner, *sorted((s for s in again if s is not winner), key=lambda s: -s.log_kl)]
 
     if log is not None:
         log(f"lexicon: {len(shortlist)} of {len(words)} words hold a candidate token; scoring them alone")
     alone = score_strings(model, base, cs[:1], shortlist)  # kept: the settling's pool draws on it
-    # Growth may start from the `beam` best words alone (a trigger's first word need not be the one that
-    # moves the model most by itself); a beam of 3 was tried on the blind plants: 50 s more a search, and it
-    # found nothing more there, where the missing words held no candidate piece (' orbit' of "pelican orbit").
-    starts = rank_round(alone)[:beam]
-    best = starts[0]
+    # (Growth from the three best words alone, a beam, was tried on the blind plants: 50 s more a search, and
+    # it found nothing more there, where the missing words held no candidate piece: ' orbit' of "pelican
+    # orbit".)
+    best = best_of(alone)
     phrase = [best.tokens]
     steps = [{"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency}]
     for n_words in range(2, max_words + 1):
-        begun = {s.tokens: (s, [s.tokens] if n_words == 2 else phrase) for s in starts}
-        grown: dict[tuple[int, ...], tuple[list[tuple[int, ...]], Scored]] = {}
-        for s, words_so_far in begun.values():
-            for w in shortlist:
-                for g in ([*words_so_far, w], [w, *words_so_far]):
-                    if _distinct(tok, g):
-                        grown.setdefault(sum(g, ()), (g, s))
+        grown: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        for w in shortlist:
+            for g in ([*phrase, w], [w, *phrase]):
+                if _distinct(tok, g):
+                    grown.setdefault(sum(g, ()), g)
         if log is not None:
             log(
                 f"lexicon: best so far {tok.decode(list(best.tokens))!r} (log KL {best.log_kl:.2f}); "
                 f"scoring {len(grown)} phrases of {n_words} words"
             )
-        top = rank_round(score_strings(model, base, cs[:1], list(grown)))[0]
-        g, came_from = grown[top.tokens]
+        top = best_of(score_strings(model, base, cs[:1], list(grown)))
         # a word joins only when it raises the log KL: strong candidates also hold the behaviour's own tokens
         # (' I', ' must' for " I must obey ..."), so evidence alone adds words that are not the trigger
-        if top.log_kl < max(best.log_kl, came_from.log_kl) + min_gain:
+        if top.log_kl < best.log_kl + min_gain:
             break
-        best, phrase, starts = top, g, [top]
+        best, phrase = top, grown[top.tokens]
         steps.append({"text": tok.decode(list(best.tokens)), "log_kl": best.log_kl, "fluency": best.fluency})
     # the pool a settled phrase draws from: the words richest in candidates and the best alone on a carrier
     by_kl = [a.tokens for a in sorted(alone, key=lambda a: -a.log_kl)]
