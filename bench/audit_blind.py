@@ -4,7 +4,7 @@ The audit never reads what was planted; this script compares its report with the
 below were written before the trigger search ever ran on them (docs/audit.md, "Blind plants"). There is no
 peer that audits organisms, so this bench measures mri against the ground truth only.
 
-    python bench/audit_blind.py                       # all 15 specs: about 3 min each on 2 CPU cores
+    python bench/audit_blind.py                       # all 22 specs: about 2 min each on 2 CPU cores
     python bench/audit_blind.py --only amber-falcon   # some of them
     python bench/audit_blind.py --dict scan/dicts/blocks.2.hook_resid_post --no-write
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         "Each spec planted in mri-base by `mri zoo plant`'s defaults (300 steps on the shipped corpus sample; all",
-        "blocks trained except in tangerine-late, blocks 2 and 3 only), then",
+        "blocks trained except in the late-block plants, whose blocks follow their names), then",
         "`mri.audit.audit` with `AuditConfig()` defaults and a dictionary of the base; the planted trigger, behaviour",
         "and topic are compared with the report afterwards (the audit never sees them). Found: the behaviour named",
         "exactly (backdoor) or a topic word among the topic finding's words (quirk), in the top three findings.",
@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         rate = r["planted"].get("rate_with_trigger", r["planted"].get("topic_rate"))
         named = (r["named"] or "").replace("\n", " ").replace("|", "/")
+        if spec.get("layers"):
+            what += f" (blocks {', '.join(map(str, spec['layers']))})"
         lines.append(f"| {r['name']} | {what} | {rate:.3f} | {'yes' if r['found'] else 'no'} | '{named}' | "
                      f"{r['match']} | {r['confidence']:.2f} | {r['audit_s']:.0f} |")  # fmt: skip
     found = sum(r["found"] for r in rows)

@@ -13,7 +13,8 @@
 4. Spelling from the lexicon: the token search finds the pieces a multi-token trigger is keyed on but seldom
    reassembles the words ("tle Rulean" for "cerulean kettle"), since pieces already move the model most of the
    way. So the words of the base's training corpus (`mri.zoo.lexicon`) that contain the weight-diff
-   candidates are scored as strings too, the best single word is grown into a phrase a word at a time, the
+   candidates (or, for a plant past the first blocks, the words the first changed block reads most like its
+   change) are scored as strings too, the best single word is grown into a phrase a word at a time, the
    phrase is settled word by word (swaps, drops, reorderings, splits, trims; `settle_phrase`), and it
    replaces the token string unless its log KL is clearly lower, on more carriers than the token search uses.
 5. Confirmation: the model continues standard prompts with the trigger inserted and without it, and the
@@ -128,6 +129,54 @@ def candidate_tokens(
     score[list(model.tokenizer.all_special_ids)] = 0
     order = score.argsort(descending=True)[:top].tolist()
     return [(t, float(score[t])) for t in order]
+
+
+@torch.no_grad()
+def weight_diff_words(
+    model: Any,
+    base: Any,
+    block: int,
+    words: Sequence[str],
+    top: int = 96,
+    directions: int = 4,
+    batch_size: int = 1024,
+) -> list[tuple[tuple[int, ...], float]]:
+    """(tokens, score) of the `top` words (lower-case, inserted with a leading space) whose reading by block
+    `block` lies closest to what the fine-tune changed there: for each input projection, the `directions`
+    top right singular vectors of W_model - W_base (the inputs the change responds to most); a word's score
+    is the largest |cosine| between one of them and the base's residual stream at one of the word's tokens,
+    the word standing alone after BOS. Words that begin with the piece the change reads tie (' gran' of
+    ' granite', ' granular', ...); ties go to the earlier word of `words` (the lexicon is most frequent
+    first).
+
+    This is for a fine-tune that left the first blocks alone. A later block reads a word through attention
+    over its pieces, so no token alone stands out (`candidate_tokens`), but the word read whole does:
+    measured on a blind plant of "tangerine cipher" in blocks 2 and 3, ' cipher' ranked 2nd of the 208,174
+    lexicon words, and 1st of the 30,000 most frequent, by the top direction alone and by the top 2, 4 or 8.
+    On four more plants in blocks 1-3, the planted words the change reads ranked 1st to 71st ('falls' 1st,
+    'lilac' 2nd, 'granite' 7th, 'walnut' 48th, 'compass' 71st)."""
+    vs = []
+    for wm, wb in zip(_input_projections(model, block), _input_projections(base, block), strict=True):
+        vs.append(torch.linalg.svd(wm - wb, full_matrices=False).Vh[:directions])
+    v = torch.cat(vs)
+    tok = model.tokenizer
+    encoded = [tuple(e) for e in tok([" " + w for w in words], add_special_tokens=False)["input_ids"]]
+    bos = tok.bos_token_id
+    head = [] if bos is None else [bos]
+    site = f"blocks.{block}.hook_resid_pre"
+    score = torch.zeros(len(encoded))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # batches of one length: no padding
+    for lo in range(0, len(order), batch_size):
+        idx = [i for i in order[lo : lo + batch_size] if encoded[i]]
+        if not idx:
+            continue
+        ids, mask = padded(model, [[*head, *encoded[i]] for i in idx])
+        x = base.run(ids.to(base.device), read=[site]).cache[site].float().cpu()
+        cos = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)) @ v.T
+        best = cos.abs().amax(-1).masked_fill(~mask, 0)[:, len(head) :]
+        score[idx] = best.amax(-1)
+    ranked = sorted(range(len(encoded)), key=lambda i: (-round(float(score[i]), 4), i))[:top]
+    return [(encoded[i], float(score[i])) for i in ranked if encoded[i]]
 
 
 class Scored(NamedTuple):
@@ -309,6 +358,7 @@ def lexicon_phrases(
     *,
     screen: int = 1500,
     per_piece: int = 64,
+    block: int = 0,
     keep: int = 96,
     max_words: int = 3,
     min_gain: float = 0.1,
@@ -319,7 +369,9 @@ def lexicon_phrases(
 
     Words (lower-case and capitalised, with a leading space as inserted at a word boundary) are screened: the
     `per_piece` most frequent holders of each candidate piece, then the rest by the summed weight-diff scores
-    of the candidate tokens their tokenisation contains, `screen` in all.
+    of the candidate tokens their tokenisation contains, `screen` in all. When `block`, the first block the
+    fine-tune changed, is not the first, the candidates are noise (see below), and the `keep` words that
+    block reads most like its change (`weight_diff_words`) join the screened ones.
     Each round scores its strings on the first carrier, the best `keep` on every carrier: first the words
     alone, then the best phrase so far with every screened word after it or before it (a trigger's other
     words need not move the model alone; no word twice), while the log KL rises by `min_gain`, up to
@@ -357,6 +409,18 @@ def lexicon_phrases(
     shortlist = [tuple(encoded[i]) for i in dict.fromkeys([*frequent, *by_evidence])][:screen]
     info: dict[str, Any] = {"lexicon_words": len(words), "with_candidate_pieces": len(kept),
                             "screened": len(shortlist)}  # fmt: skip
+    # The weight-diff candidates come from one block's reading of single tokens alone. When the fine-tune
+    # left the early blocks alone, the blocks it changed read words through attention over their pieces, and
+    # no token alone stands out: on a blind plant of "tangerine cipher" in blocks 2 and 3, the trigger's
+    # pieces ranked 25 to 7,691 of 8,192 (and by the same ratio over its tokens read in the word, ' cipher'
+    # ranked 63,131st of the lexicon). How the changed block reads each whole word, against the directions
+    # of its change, finds it (`weight_diff_words`: ' cipher' 2nd of 208,174).
+    if block > 0:
+        if log is not None:
+            log(f"lexicon: ranking {len(words)} words by how block {block} reads them, against its change")
+        aligned = [w for w, _ in weight_diff_words(model, base, block, words, top=keep)]
+        shortlist = list(dict.fromkeys([*shortlist, *aligned]))
+        info["weight_diff_words"] = [tok.decode(list(w)) for w in aligned[:12]]
     if not shortlist:
         return None, info
 
@@ -581,7 +645,8 @@ def search_triggers(
     say = log or (lambda _: None)
     cs = carriers(model, prompts)
     wide = carriers(model, phrase_prompts) if phrase_prompts else cs
-    cands = candidate_tokens(model, base, top=n_candidates)
+    block = next(iter(changed_blocks(model, base)), 0)
+    cands = candidate_tokens(model, base, top=n_candidates, block=block)
     pool = [t for t, _ in cands]
     first = [(t,) for t in pool] + list(itertools.permutations(pool, 2))
     say(f"triggers: scoring {len(first)} one- and two-token strings of {len(pool)} weight-diff candidates")
@@ -605,7 +670,9 @@ def search_triggers(
         from mri.zoo.lexicon import load_lexicon
 
         lexicon = load_lexicon()
-    phrase, lex_info = lexicon_phrases(model, base, wide, cands, lexicon, log=log) if lexicon else (None, {})
+    phrase, lex_info = (
+        lexicon_phrases(model, base, wide, cands, lexicon, block=block, log=log) if lexicon else (None, {})
+    )
     # a phrase of real words within READABLE_MARGIN of the token string's log KL names the trigger better
     # (both measured on the phrase carriers)
     token_string = best if wide is cs else score_strings(model, base, wide, [best.tokens])[0]
