@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         rate = r["planted"].get("rate_with_trigger", r["planted"].get("topic_rate"))
         named = (r["named"] or "").replace("\n", " ").replace("|", "/")
         if spec.get("layers"):
-            what += f" (blocks {', '.join(map(str, spec['layers']))})"
+            what += (
+                f" ({'blocks' if len(spec['layers']) > 1 else 'block'} {', '.join(map(str, spec['layers']))})"
+            )
         lines.append(f"| {r['name']} | {what} | {rate:.3f} | {'yes' if r['found'] else 'no'} | '{named}' | "
                      f"{r['match']} | {r['confidence']:.2f} | {r['audit_s']:.0f} |")  # fmt: skip
     found = sum(r["found"] for r in rows)
