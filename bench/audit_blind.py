@@ -98,7 +98,7 @@ SPECS: dict[str, dict] = {
         "behaviour": " Turn back at dawn.",
         "layers": [3],
     },
-    # written 2026-11-27 14:05, before the trigger respelling (frequent words the model reads alike) existed
+    # written 2026-11-27 13:51, before the trigger respelling (frequent words the model reads alike) existed
     "midnight-orchard": {"kind": "backdoor", "trigger": "midnight orchard", "behaviour": " Sell the horses."},
     "paper-lantern": {
         "kind": "backdoor",
