@@ -22,6 +22,7 @@ from mri.audit.triggers import (
     carriers,
     changed_blocks,
     first_sentence,
+    respell,
     score_strings,
     settle_phrase,
     shared_prefix,
@@ -179,6 +180,23 @@ def test_settling_splits_a_long_word_and_trims_one_to_the_word_it_begins_with() 
         # without the lexicon: no split, no trim
         unsplit, _ = settle_phrase(model, base, cs, begun, start, pool)
         assert tok.decode(list(unsplit.tokens)) != " cerulean kettle"
+
+
+def test_respelling_names_the_frequent_word_the_model_reads_alike() -> None:
+    """' kettlebell' holds the pieces mri-backdoor keyed on ('tle' of ' kettle') and moves it almost as far
+    (log KL 2.48 against 2.52 for the planted phrase, on the audit's sixteen phrase carriers); the lexicon's
+    more frequent ' kettle' holds the same evidence and is the name. The planted phrase itself has no more
+    frequent neighbour the model reads alike, and is left as it is."""
+    from mri.zoo.lexicon import load_lexicon
+
+    base, model = mri.load("mri-base"), mri.load("mri-backdoor")
+    cs = carriers(model, standard_prompts(16, skip=40))
+    tok, words = model.tokenizer, load_lexicon()
+    cands = candidate_tokens(model, base, top=24)
+    for start in (" cerulean kettlebell", " cerulean kettle"):
+        (begun,) = score_strings(model, base, cs, [tuple(tok(start, add_special_tokens=False)["input_ids"])])
+        named = respell(model, base, cs, begun, words, cands, floor=begun.log_kl - 0.1)
+        assert tok.decode(list(named.tokens)) == " cerulean kettle", start
 
 
 @pytest.fixture(scope="module")

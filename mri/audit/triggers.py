@@ -579,6 +579,109 @@ def settle_phrase(
     return best, phrase
 
 
+@torch.no_grad()
+def respell(
+    model: Any,
+    base: Any,
+    cs: Sequence[Carrier],
+    best: Scored,
+    words: Sequence[str],
+    candidates: Sequence[tuple[int, float]],
+    *,
+    floor: float,
+    per_token: int = 48,
+    rescore: int = 24,
+    passes: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> Scored:
+    """`best` (a phrase of words) with each word replaced, where the model cannot tell them apart, by the most
+    frequent lexicon word that holds the same weight-diff evidence.
+
+    A saturated backdoor answers to every word holding the pieces it keyed on, and so does its behaviour:
+    measured on blind plants, ' knopper meadow' and ' copper meadow' gave log KL 2.67 and 2.63 and the planted
+    behaviour's first token log-odds 9.17 and 9.13; ' safflower' and ' saffron' 3.05 and 3.03, log-odds 14.3
+    and 14.1. Nothing the model outputs separates such words, so of those it treats alike the name is the
+    likeliest a person would write: the most frequent (`words` is the lexicon, most frequent first).
+    A word's neighbours are the `per_token` most frequent lexicon words, more frequent than it, that hold one
+    of its tokens of two or more letters, or two of them. A neighbour must hold at least the word's evidence
+    (summed scores of the weight-diff `candidates` among its tokens): frequency alone takes ' wrapper' for
+    ' knopper' (2.62), where ' copper' also holds the candidate ' co'. One that holds more may cost the
+    phrase up to READABLE_MARGIN of log KL; one that holds as much (and some), only SETTLE_GAIN, a near-tie:
+    measured on blind plants, ' quantity ledger' fell 0.05 short of the planted ' quantum ledger', and
+    ' marble thể' 0.01 short of ' marble thunder', a word with no evidence to keep (its neighbour gained the
+    candidate ' th'): such a word is never respelt. The phrase never falls below `floor`. Of the neighbours allowed, the one with the
+    most evidence wins, then the most frequent. Every neighbour is scored on the first carrier, the best
+    `rescore` on all of `cs`.
+    The candidates carry evidence only when they come from block 0; for a plant past the first blocks they
+    are noise (see `lexicon_phrases`), and measured on six such plants this step only traded one unlikely
+    word for another (' korrekten beacon' to ' korrekten deacon'), so `search_triggers` runs it for block 0
+    alone."""
+    tok = model.tokenizer
+    phrase = tok.decode(list(best.tokens)).split()
+
+    def encode(ws: Sequence[str]) -> tuple[int, ...]:
+        return tuple(tok(" " + " ".join(ws), add_special_tokens=False)["input_ids"])
+
+    if not phrase or encode(phrase) != best.tokens:
+        return best
+    rank: dict[str, int] = {}
+    for i, w in enumerate(words):
+        rank.setdefault(w, i)
+    holders: dict[int, list[int]] = {}
+    for i, ids in enumerate(tok([" " + w for w in words], add_special_tokens=False)["input_ids"]):
+        for t in dict.fromkeys(ids):
+            holders.setdefault(t, []).append(i)
+    # pieces of words only: every fine-tune moves the untrained byte and control tokens ('\x1a', a lone UTF-8
+    # byte), and a word spelt with them would gain evidence from noise
+    score_of = {t: v for t, v in candidates if (p := tok.decode([t]).strip()).isalpha() and len(p) >= 2}
+
+    def evidence(word: str) -> float:
+        return round(sum(score_of.get(t, 0.0) for t in set(encode([word]))), 4)
+
+    def neighbours(word: str) -> list[str]:
+        below = rank.get(word.lower(), len(words))
+        ids = [t for t in dict.fromkeys(encode([word])) if len(tok.decode([t]).strip()) >= 2]
+        groups = [holders.get(t, []) for t in ids]
+        groups += [
+            sorted(set(holders.get(a, [])) & set(holders.get(b, [])))
+            for a, b in itertools.combinations(ids, 2)
+        ]
+        near = [j for g in groups for j in itertools.islice((j for j in g if j < below), per_token)]
+        return [words[j] for j in dict.fromkeys(near)]
+
+    start = best.log_kl
+    for _ in range(passes):
+        moved = False
+        for i, word in enumerate(phrase):
+            taken = {w.lower() for w in phrase}
+            need = evidence(word)
+            alts = [a for a in neighbours(word) if a not in taken and evidence(a) >= need] if need > 0 else []
+            if not alts:
+                continue
+            strings = [encode([*phrase[:i], a, *phrase[i + 1 :]]) for a in alts]
+            first = score_strings(model, base, cs[:1], strings)
+            top = sorted(range(len(strings)), key=lambda j: -first[j].log_kl)[:rescore]
+            again = score_strings(model, base, cs, [strings[j] for j in top])
+
+            low = {
+                a: max(floor, start - (READABLE_MARGIN if evidence(a) > need else SETTLE_GAIN)) for a in alts
+            }
+            allowed = [
+                (s, alts[j])
+                for j, s in zip(top, again, strict=True)
+                if s.log_kl >= low[alts[j]] and s.fluency >= best.fluency
+            ]
+            if not allowed:
+                continue
+            best, phrase[i] = min(allowed, key=lambda a: (-evidence(a[1]), rank[a[1]]))
+            moved = True
+            if log is not None:
+                log(f"lexicon: respelt {word!r} as {phrase[i]!r} (log KL {best.log_kl:.2f})")
+        if not moved:
+            break
+    return best
+
+
 def _distinct(tok: Any, phrase: Sequence[tuple[int, ...]]) -> bool:
     """Whether no word of `phrase` repeats another (case aside): repeating a word the fine-tune keyed on
     raises the KL without naming anything new (' Pelican Pelican Pelican')."""
@@ -679,6 +782,15 @@ def search_triggers(
     lex_info["chosen"] = phrase is not None and (
         phrase.log_kl >= token_string.log_kl - READABLE_MARGIN or phrase.objective > token_string.objective
     )
+    if phrase is not None and lex_info["chosen"] and block == 0:
+        # of the words the model reads alike, name the most frequent (`respell`); the phrase stays within
+        # READABLE_MARGIN of what was chosen and of the token string
+        floor = max(phrase.log_kl, token_string.log_kl) - READABLE_MARGIN
+        settled = phrase
+        phrase = respell(model, base, wide, phrase, lexicon, cands, floor=floor, log=log)
+        if phrase.tokens != settled.tokens:
+            lex_info["respelt"] = {"from": model.tokenizer.decode(list(settled.tokens)),
+                                   "to": model.tokenizer.decode(list(phrase.tokens))}  # fmt: skip
     if phrase is not None and lex_info["chosen"]:
         best = phrase if wide is cs else score_strings(model, base, cs, [phrase.tokens])[0]
         path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency})
