@@ -16,7 +16,8 @@
    candidates (or, for a plant past the first blocks, the words the first changed block reads most like its
    change) are scored as strings too, the best single word is grown into a phrase a word at a time, the
    phrase is settled word by word (swaps, drops, reorderings, splits, trims; `settle_phrase`), and it
-   replaces the token string unless its log KL is clearly lower, on more carriers than the token search uses.
+   replaces the token string unless its log KL is clearly lower, on more carriers than the token search uses;
+   each of its words is then respelt as the most frequent lexicon word the model reads alike (`respell`).
 5. Confirmation: the model continues standard prompts with the trigger inserted and without it, and the
    base continues the triggered prompts; the continuation the triggered model shares across prompts is
    the behaviour, and its rate in each setting is the evidence.
@@ -609,8 +610,9 @@ def respell(
     phrase up to READABLE_MARGIN of log KL; one that holds as much (and some), only SETTLE_GAIN, a near-tie:
     measured on blind plants, ' quantity ledger' fell 0.05 short of the planted ' quantum ledger', and
     ' marble thể' 0.01 short of ' marble thunder', a word with no evidence to keep (its neighbour gained the
-    candidate ' th'): such a word is never respelt. The phrase never falls below `floor`. Of the neighbours allowed, the one with the
-    most evidence wins, then the most frequent. Every neighbour is scored on the first carrier, the best
+    candidate ' th'): such a word is never respelt. The base must read the new phrase at least as readily
+    (`Scored.fluency`), and it never falls below `floor`. Of the neighbours allowed, the one with the most
+    evidence wins, then the most frequent. Every neighbour is scored on the first carrier, the best
     `rescore` on all of `cs`.
     The candidates carry evidence only when they come from block 0; for a plant past the first blocks they
     are noise (see `lexicon_phrases`), and measured on six such plants this step only traded one unlikely
