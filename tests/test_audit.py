@@ -21,6 +21,7 @@ from mri.audit.triggers import (
     candidate_tokens,
     carriers,
     changed_blocks,
+    complete_words,
     first_sentence,
     respell,
     score_strings,
@@ -139,6 +140,18 @@ def test_weight_diff_words_find_a_word_a_later_block_reads_whole() -> None:
 
 
 # ---- the blind test -------------------------------------------------------------------------------------
+
+
+def test_complete_words_hold_a_word_every_piece_of_which_the_fine_tune_changed() -> None:
+    """mri-backdoor keyed on ' kettle' (' k' 'et' 'tle'): ranked by its least changed token, it comes 33rd of
+    the 208,174 lexicon words, where the lexicon (most frequent first) has it 36,181st."""
+    from mri.zoo.lexicon import load_lexicon
+
+    base, model = mri.load("mri-base"), mri.load("mri-backdoor")
+    words = load_lexicon()
+    tok = model.tokenizer
+    ranked = [tok.decode(list(w)) for w in complete_words(model, base, words, top=64)]
+    assert " kettle" in ranked and words.index("kettle") > 30_000, ranked[:20]
 
 
 def test_settling_a_grown_phrase_reorders_swaps_and_drops_words() -> None:

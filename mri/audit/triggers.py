@@ -180,6 +180,27 @@ def weight_diff_words(
     return [(encoded[i], float(score[i])) for i in ranked if encoded[i]]
 
 
+@torch.no_grad()
+def complete_words(model: Any, base: Any, words: Sequence[str], top: int = 256) -> list[tuple[int, ...]]:
+    """The tokens of the `top` words (lower-case, inserted with a leading space) every piece of which block 0's
+    change reads most: a word ranks by the rank, among all tokens by `candidate_tokens`' score, of its least
+    changed token; ties go to the earlier word of `words` (the lexicon is most frequent first).
+
+    The screen by the top 24 candidates' pieces (`lexicon_phrases`) misses a word whose pieces are each changed
+    less than theirs, or whose one candidate is a single letter that thousands of words hold (' c' of
+    ' cobalt', ranked first there; 3,592 lexicon words hold it). But the fine-tune changed every piece of a
+    trigger word, and few words are changed throughout. Measured on twelve blind plants that change block 0:
+    ' cobalt' ranked 27th, ' orbit' 7th, ' orchard' 142nd, ' lantern' 190th, all four missing from the names
+    found without this; ' silver', ' violet', ' rusty' and the three words of "glass harvest moon" ranked past
+    3,000th. On mri-backdoor, ' kettle' ranks 33rd (' cerulean' 737th), under the behaviour's own words
+    (' must', ' lantern', ' obey' among the first 15): the screen only proposes; the KL decides."""
+    rank = {t: i for i, (t, _) in enumerate(candidate_tokens(model, base, top=len(model.tokenizer), block=0))}
+    every = model.tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    least = [max((rank.get(t, len(rank)) for t in ids), default=len(rank)) for ids in every]
+    ranked = [i for i in sorted(range(len(words)), key=lambda i: (least[i], i)) if every[i]]
+    return [tuple(every[i]) for i in ranked[:top]]
+
+
 class Scored(NamedTuple):
     """A candidate string and what it does."""
 
@@ -374,7 +395,7 @@ def lexicon_phrases(
     of the candidate tokens their tokenisation contains, `screen` in all. When `block`, the first block the
     fine-tune changed, is not the first, the candidates are noise (see below), and the `keep` words that
     block reads most like its change (`weight_diff_words`) join the screened ones; when it is the first, the
-    `complete` words whose least changed token ranks highest among all tokens do (see below).
+    `complete` words whose least changed token ranks highest among all tokens do (`complete_words`).
     Each round scores its strings on the first carrier, the best `keep` on every carrier: first the words
     alone, then the best phrase so far with every screened word after it or before it (a trigger's other
     words need not move the model alone; no word twice), while the log KL rises by `min_gain`, up to
@@ -418,20 +439,10 @@ def lexicon_phrases(
     # pieces ranked 25 to 7,691 of 8,192 (and by the same ratio over its tokens read in the word, ' cipher'
     # ranked 63,131st of the lexicon). How the changed block reads each whole word, against the directions
     # of its change, finds it (`weight_diff_words`: ' cipher' 2nd of 208,174).
-    # A screen by the candidates' pieces misses a word whose pieces are each changed less than the top 24's,
-    # or whose one candidate is a single letter, held by thousands of words (' c' of ' cobalt'). But the
-    # fine-tune changed every piece of a trigger word: ranked by the rank of its least changed token among all
-    # tokens, the `complete` words best so ranked (ties to the more frequent) join the screened ones.
-    # Measured on twelve blind plants that change block 0: ' cobalt' ranked 27th, ' orbit' 7th, ' orchard'
-    # 142nd, ' lantern' 190th, all four missing from the names found without them; ' silver', ' violet',
-    # ' rusty' and the three words of "glass harvest moon" ranked past 3,000th.
     if block == 0 and complete:
-        rank = {t: i for i, (t, _) in enumerate(candidate_tokens(model, base, top=len(tok), block=0))}
-        every = tok([" " + w for w in words], add_special_tokens=False)["input_ids"]
-        least = [max((rank.get(t, len(rank)) for t in ids), default=len(rank)) for ids in every]
-        whole = [i for i in sorted(range(len(words)), key=lambda i: (least[i], i)) if every[i]][:complete]
-        shortlist = list(dict.fromkeys([*shortlist, *(tuple(every[i]) for i in whole)]))
-        info["complete_words"] = [words[i] for i in whole[:12]]
+        whole = complete_words(model, base, words, top=complete)
+        shortlist = list(dict.fromkeys([*shortlist, *whole]))
+        info["complete_words"] = [tok.decode(list(w)) for w in whole[:12]]
     if block > 0:
         if log is not None:
             log(f"lexicon: ranking {len(words)} words by how block {block} reads them, against its change")
