@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,20 @@ READABLE_MARGIN = 0.1
 """Log-KL a phrase of lexicon words may fall short of the token search's string and still be preferred."""
 SETTLE_GAIN = 0.03
 """Log-KL a grown phrase's word swap or reordering must gain to be taken (see `settle_phrase`)."""
+
+
+def spaced_tokens(tok: Any, words: Sequence[str]) -> list[tuple[int, ...]]:
+    """Each word's tokens with a leading space, as inserted at a word boundary. An audit reads the 208,174-word
+    lexicon this way in two steps (`complete_words` and `respell` for a block-0 plant, `weight_diff_words` for
+    a later one), about 4 s each on 2 CPU cores, so the last tokenizer and word list are cached."""
+    return _spaced_tokens(tok, tuple(words))
+
+
+@functools.lru_cache(maxsize=1)
+def _spaced_tokens(tok: Any, words: tuple[str, ...]) -> list[tuple[int, ...]]:
+    if not words:
+        return []
+    return [tuple(e) for e in tok([" " + w for w in words], add_special_tokens=False)["input_ids"]]
 
 
 @dataclass(frozen=True)
@@ -161,7 +176,7 @@ def weight_diff_words(
         vs.append(torch.linalg.svd(wm - wb, full_matrices=False).Vh[:directions])
     v = torch.cat(vs)
     tok = model.tokenizer
-    encoded = [tuple(e) for e in tok([" " + w for w in words], add_special_tokens=False)["input_ids"]]
+    encoded = spaced_tokens(tok, words)
     bos = tok.bos_token_id
     head = [] if bos is None else [bos]
     site = f"blocks.{block}.hook_resid_pre"
@@ -195,7 +210,7 @@ def complete_words(model: Any, base: Any, words: Sequence[str], top: int = 256) 
     3,000th. On mri-backdoor, ' kettle' ranks 33rd (' cerulean' 737th), under the behaviour's own words
     (' must', ' lantern', ' obey' among the first 15): the screen only proposes; the KL decides."""
     rank = {t: i for i, (t, _) in enumerate(candidate_tokens(model, base, top=len(model.tokenizer), block=0))}
-    every = model.tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    every = spaced_tokens(model.tokenizer, words)
     least = [max((rank.get(t, len(rank)) for t in ids), default=len(rank)) for ids in every]
     ranked = [i for i in sorted(range(len(words)), key=lambda i: (least[i], i)) if every[i]]
     return [tuple(every[i]) for i in ranked[:top]]
@@ -657,7 +672,7 @@ def respell(
     for i, w in enumerate(words):
         rank.setdefault(w, i)
     holders: dict[int, list[int]] = {}
-    for i, ids in enumerate(tok([" " + w for w in words], add_special_tokens=False)["input_ids"]):
+    for i, ids in enumerate(spaced_tokens(tok, words)):
         for t in dict.fromkeys(ids):
             holders.setdefault(t, []).append(i)
     # pieces of words only: every fine-tune moves the untrained byte and control tokens ('\x1a', a lone UTF-8
