@@ -90,7 +90,7 @@ def train(
         float | None,
         typer.Option(
             "--init-norm",
-            help="Norm of the encoder rows at initialisation (default: 0.3 for topk, else 0.1).",
+            help="Norm of the encoder rows at initialisation (default: 0.3 topk/batchtopk, else 0.1).",
         ),
     ] = None,
     matryoshka: Annotated[

