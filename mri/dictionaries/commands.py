@@ -87,12 +87,8 @@ def train(
         bool, typer.Option("--skip/--no-skip", help="Transcoders: linear skip connection.")
     ] = False,
     init_norm: Annotated[
-        float | None,
-        typer.Option(
-            "--init-norm",
-            help="Norm of the encoder rows at initialisation (default: 0.3 topk/batchtopk, else 0.1).",
-        ),
-    ] = None,
+        float, typer.Option("--init-norm", help="Norm of the encoder rows at initialisation.")
+    ] = DictConfig.init_norm,
     matryoshka: Annotated[
         str | None,
         typer.Option(
@@ -213,7 +209,7 @@ def _train(
     sparsity_coef: float | None,
     skip: bool,
     b_dec_init: str,
-    init_norm: float | None,
+    init_norm: float,
     threshold_lr_scale: float,
     autocast: bool,
     topk_warmup: float,
@@ -366,7 +362,7 @@ def dict_configs(
     skip: bool,
     width: Any,
     fingerprint: str | None,
-    init_norm: float | None,
+    init_norm: float,
     matryoshka: list[int] | None = None,
 ) -> list[Any]:
     """The `DictConfig`s that `mri dict train` builds for (input, output) site `pairs` of widths `width`."""

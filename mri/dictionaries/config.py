@@ -15,8 +15,6 @@ Gated (Rajamanoharan et al. 2024: a gate decides which latents fire, a magnitude
 KINDS = ("sae", "transcoder", "clt")
 """SAE: a site to itself. Transcoder: an input site to an output site. CLT: one encoder per layer, decoders
 from layer l to every layer >= l."""
-INIT_NORMS = {"topk": 0.3, "batchtopk": 0.3}
-"""`DictConfig.init_norm` where it is not given and the arch is listed; 0.1 for the others."""
 FORMAT_VERSION = 1
 
 
@@ -47,18 +45,11 @@ class DictConfig:
     """Width of the rectangle kernel of JumpReLU's straight-through threshold gradient."""
     jumprelu_init_threshold: float = 0.1
     """JumpReLU's initial threshold, in normalised input units."""
-    init_norm: float | None = None
+    init_norm: float = 0.1
     """Norm of each encoder row at initialisation, and of each decoder row where decoder norms are free
-    (relu); None: 0.3 for topk and batchtopk, 0.1 for the others (`INIT_NORMS`). Small, as in Anthropic's and
-    SAELens's recipes: with rows of norm 1 the first reconstructions are far too large and a short run spends
-    its steps shrinking them (mri-base L2, topk k 64, 500 steps: FVU 0.23 from norm 1, 0.18 from 0.1 or 0.3).
-    But a TopK selection ranks pre-activations, so a row's norm decides as much as its direction. Adam's
-    steps have about the same size whatever a row's norm, so from rows of 0.1 the latents picked in the
-    first steps grow their rows three-fold in 100 steps (median 0.31, against 0.21 for those that died) and
-    go on winning; the rest never fire again, and AuxK at its weight of 1/32 does not bring them back (k 16: 24% dead from step 100 to the end; from
-    0.3, 0.4%; k 8: 53% and 32%, at AuxK weight 1/8 as at 1/32; FVU within 1% at k 16-64, 5% lower at k 8).
-    The relu arch, whose L1 penalty sets its scale, trained worse from 0.3 (k-free, coefficient 5: FVU 0.51
-    against 0.48)."""
+    (relu). Small, as in Anthropic's and SAELens's recipes: with rows of norm 1 the first reconstructions
+    are far too large and a short run spends its steps shrinking them (mri-base L2, topk k 64, 500 steps:
+    FVU 0.29 from norm 1, 0.21 from 0.1)."""
     matryoshka: list[int] | None = None
     """Nested prefix widths for Matryoshka training (SAEs and transcoders), strictly increasing and below
     n_latents, e.g. [256, 1024] for 4,096 latents: the loss is the mean of the FVUs of the reconstructions
@@ -85,12 +76,9 @@ class DictConfig:
             raise MriError("an SAE reads and writes the same site; use kind 'transcoder' for two sites")
         if self.kind != "clt" and len(self.sites_in) != 1:
             raise MriError(f"a {self.kind} has one input site; use kind 'clt' for several layers")
-        if self.init_norm is None:
-            self.init_norm = INIT_NORMS.get(self.arch, 0.1)
         if not self.init_norm > 0:
             raise MriError(
-                f"init_norm must be positive (--init-norm), got {self.init_norm}; leave it out for the "
-                f"arch's default ({INIT_NORMS.get(self.arch, 0.1)})"
+                f"init_norm must be positive (--init-norm), got {self.init_norm}; the default is 0.1"
             )
         if self.skip and self.kind == "sae":
             raise MriError("a skip connection is for transcoders, not SAEs")
