@@ -430,7 +430,9 @@ def test_memory_estimate_counts_the_weights_exactly(kind, arch):
     assert two.weights == one.weights and two.rows == 128 and two.activations < one.activations
 
 
-def _dense_reference_step(p: dict, since: torch.Tensor, x: torch.Tensor, opt, k: int, dead_after: int):
+def _dense_reference_step(
+    p: dict, since: torch.Tensor, x: torch.Tensor, opt, k: int, dead_after: int, auxk_alpha: float
+):
     """One TopK SAE step written densely with plain autograd: (batch, n) activations, masked top-k AuxK,
     the decoder gradient's parallel part removed, Adam, unit-norm decoder rows, dead counters."""
     from mri.dictionaries.sparse_coder import fvu
@@ -447,7 +449,7 @@ def _dense_reference_step(p: dict, since: torch.Tensor, x: torch.Tensor, opt, k:
         aux_k = x.shape[1] // 2
         idx = pre.detach().masked_fill(~dead, float("-inf")).topk(min(aux_k, n_dead), dim=1).indices
         aux = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx))
-        loss = loss + fvu(x - out.detach(), aux @ W_dec) * min(n_dead / aux_k, 1.0) / 32
+        loss = loss + fvu(x - out.detach(), aux @ W_dec) * min(n_dead / aux_k, 1.0) * auxk_alpha
     opt.zero_grad()
     loss.backward()
     with torch.no_grad():
@@ -487,7 +489,7 @@ def test_trainer_steps_are_the_dense_reference_steps():
     for step in range(3):
         x = torch.randn(64, 16, generator=gen) + 0.5
         got = float(trainer.train_step({"a": x}))
-        want = _dense_reference_step(ref, since, x, opt, 4, 100)
+        want = _dense_reference_step(ref, since, x, opt, 4, 100, tcfg.auxk_alpha)
         assert got == pytest.approx(want, rel=1e-5), step
         assert torch.equal(trainer.since_fired[0][0], since), step
         assert trainer._dead_counts == (step + 1, [int((since >= 100).sum())])
