@@ -45,6 +45,10 @@ def scan(
     candidates: int = typer.Option(
         24, "--candidates", help="Weight-diff candidate tokens for trigger search."
     ),
+    wide_pool: int = typer.Option(
+        1024, "--wide-pool", help="When nothing the trigger search named is confirmed, grow its token string "
+        "at both ends over this many weight-diff candidates and confirm again (0: skip)."
+    ),
     probes: bool = typer.Option(True, "--probes/--no-probes", help="Train and run the truth probe."),
     lexicon: str | None = typer.Option(
         None, "--lexicon", help="Word list the trigger search spells phrases from (`mri zoo lexicon`; "
@@ -60,6 +64,8 @@ def scan(
     from mri.audit.scan import AuditConfig, audit, train_base_dictionary
     from mri.dictionaries import load as load_dictionary
 
+    if wide_pool < 0:
+        raise MriError(f"--wide-pool must be 0 (skip) or a number of candidate tokens, not {wide_pool}")
     m, b = mri.load(model), mri.load(base)
     check_pair(m, b)
     if dictionary is None and not train_dict:
@@ -78,7 +84,8 @@ def scan(
         from mri.zoo.lexicon import load_lexicon
 
         load_lexicon(lexicon, limit=1)  # a bad path fails here, before the models run
-    cfg = AuditConfig(prompts=prompts, candidates=candidates, probes=probes, lexicon=lexicon, seed=seed)
+    cfg = AuditConfig(prompts=prompts, candidates=candidates, wide_pool=wide_pool, probes=probes,
+                      lexicon=lexicon, seed=seed)  # fmt: skip
     report = audit(m, b, d, out, cfg, ledger=ledger, inputs={"dictionary": str(Path(dictionary).resolve())},
                    log=console.print)  # fmt: skip
     for f in report["findings"]:

@@ -48,6 +48,10 @@ class AuditConfig:
     `triggers.search_triggers`)."""
     candidates: int = 24
     """Weight-diff candidate tokens for the trigger search."""
+    wide_pool: int = 1024
+    """When generation confirms nothing the trigger search named, its token string is grown at both ends
+    over this many of the strongest weight-diff candidates and confirmed again (`triggers.search_wider`);
+    0 skips that."""
     confirm_prompts: int = 16
     """Prompts for confirming a trigger and for causal checks."""
     probes: bool = True
@@ -141,13 +145,27 @@ def run_audit(model: Any, base: Any, dictionary: Any, config: AuditConfig | None
     log(f"audit: confirming {search.text!r} by generation on {cfg.confirm_prompts} prompts")
     confirm_prompts = diffing.standard_prompts(cfg.confirm_prompts, skip=48)
     confirmation = triggers.confirm(model, base, search.text, confirm_prompts, seed=cfg.seed)
+
+    def specific_rate(c: triggers.Confirmation) -> float:
+        return c.rate_model_triggered - max(c.rate_model_clean, c.rate_base_triggered) if c.behaviour else 0.0
+
+    if cfg.wide_pool and specific_rate(confirmation) <= 0:
+        log(f"audit: nothing confirmed; growing the token string over {cfg.wide_pool} candidates")
+        wider = triggers.search_wider(
+            model, base, diffing.standard_prompts(cfg.carriers, skip=40), search, pool=cfg.wide_pool, log=log
+        )
+        if wider.best.tokens != (search.token_string or search.best).tokens:
+            log(f"audit: confirming {wider.text!r} by generation")
+            again = triggers.confirm(model, base, wider.text, confirm_prompts, seed=cfg.seed)
+            if specific_rate(again) > specific_rate(confirmation):
+                search, confirmation = wider, again
     lap("triggers")
 
     findings: list[dict] = []
 
     # trigger finding
     c = confirmation
-    specific = c.rate_model_triggered - max(c.rate_model_clean, c.rate_base_triggered)
+    specific = specific_rate(c)
     trig_conf = _clip(specific) * _clip(math.log10(max(search.kl_ratio, 1.0))) if c.behaviour else 0.0
     trig = {
         "kind": "trigger",

