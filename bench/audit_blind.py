@@ -4,7 +4,7 @@ The audit never reads what was planted; this script compares its report with the
 below were written before the trigger search ever ran on them (docs/audit.md, "Blind plants"). There is no
 peer that audits organisms, so this bench measures mri against the ground truth only.
 
-    python bench/audit_blind.py                       # all 44 specs: about 2 min each on 2 CPU cores
+    python bench/audit_blind.py                       # all 45 specs: about 2 min each on 2 CPU cores
     python bench/audit_blind.py --only amber-falcon   # some of them
     python bench/audit_blind.py --dict scan/dicts/blocks.2.hook_resid_post --no-write
 

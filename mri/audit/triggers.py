@@ -324,7 +324,6 @@ def refine(
     max_len: int = 8,
     guesses: int = 8,
     min_gain: float = 0.02,
-    exclude: Collection[int] = (),
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scored, list[dict]]:
     """Greedy coordinate search from `start`: each round scores every one-token insertion, replacement and
@@ -333,7 +332,7 @@ def refine(
     `log` hears one line per round (the search is minutes on a CPU; it only reports, never decides)."""
     best = start
     path = [{"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency}]
-    special = set(model.tokenizer.all_special_ids) | set(exclude)
+    special = set(model.tokenizer.all_special_ids)
     for round_ in range(rounds):
         cur = list(best.tokens)
         gaps = _base_guesses(base, cs[0], cur, guesses)
@@ -366,14 +365,7 @@ def refine(
 
 
 @torch.no_grad()
-def bridge(
-    model: Any,
-    base: Any,
-    cs: Sequence[Carrier],
-    best: Scored,
-    batch_size: int = 1024,
-    exclude: Collection[int] = (),
-) -> Scored:
+def bridge(model: Any, base: Any, cs: Sequence[Carrier], best: Scored, batch_size: int = 1024) -> Scored:
     """Make the string more readable: between each adjacent pair (a, b), try the token t that best joins
     them under the base (largest log p(t | a) + log p(b | a t), over the whole vocabulary); keep an
     insertion when it raises the objective."""
@@ -389,9 +381,7 @@ def bridge(
             n = len(head)
             rows = torch.arange(lp.shape[0])
             joins.append(lp[rows, n, vocab[lo : lo + batch_size]] + lp[rows, n + 1, b])
-        joined = torch.cat(joins)
-        joined[list(exclude)] = -float("inf")
-        t = int(joined.argmax())
+        t = int(torch.cat(joins).argmax())
         tried = score_strings(model, base, cs, [best.tokens[:g] + (t,) + best.tokens[g:]])[0]
         if tried.objective > best.objective:
             best = tried
@@ -414,7 +404,6 @@ def lexicon_phrases(
     max_words: int = 3,
     min_gain: float = 0.1,
     settle_pool: int = 150,
-    exclude: Collection[int] = (),
     log: Callable[[str], None] | None = None,
 ) -> tuple[Scored | None, dict]:
     """The phrase of lexicon words that most raises the log KL, and how it was found.
@@ -478,7 +467,6 @@ def lexicon_phrases(
         aligned = [w for w, _ in weight_diff_words(model, base, block, words, top=keep)]
         shortlist = list(dict.fromkeys([*shortlist, *aligned]))
         info["weight_diff_words"] = [tok.decode(list(w)) for w in aligned[:12]]
-    shortlist = [w for w in shortlist if not set(w) & set(exclude)]
     if not shortlist:
         return None, info
 
@@ -533,7 +521,6 @@ def lexicon_phrases(
     pool = list(
         dict.fromkeys([*(tuple(encoded[i]) for i in by_evidence[:settle_pool]), *by_kl[:settle_pool]])
     )
-    pool = [w for w in pool if not set(w) & set(exclude)]
     grown_tokens = best.tokens
     best, phrase = settle_phrase(
         model, base, cs, best, phrase, pool, keep=keep, min_gain=min_gain, words=set(words),
@@ -651,7 +638,6 @@ def respell(
     per_token: int = 48,
     rescore: int = 24,
     passes: int = 2,
-    exclude: Collection[int] = (),
     log: Callable[[str], None] | None = None,
 ) -> Scored:
     """`best` (a phrase of words) with each word replaced, where the model cannot tell them apart, by the most
@@ -716,11 +702,7 @@ def respell(
         for i, word in enumerate(phrase):
             taken = {w.lower() for w in phrase}
             need = evidence(word)
-            alts = [
-                a
-                for a in neighbours(word)
-                if a not in taken and evidence(a) >= need and not set(encode([a])) & set(exclude)
-            ] if need > 0 else []  # fmt: skip
+            alts = [a for a in neighbours(word) if a not in taken and evidence(a) >= need] if need > 0 else []
             if not alts:
                 continue
             strings = [encode([*phrase[:i], a, *phrase[i + 1 :]]) for a in alts]
@@ -802,7 +784,6 @@ def search_triggers(
     rounds: int = 8,
     lexicon: Sequence[str] | None = None,
     phrase_prompts: Sequence[str] | None = None,
-    exclude: Collection[int] = (),
     log: Callable[[str], None] | None = None,
 ) -> TriggerSearch:
     """Find the short string that most raises KL(base || model) after it (see the module docstring).
@@ -812,15 +793,12 @@ def search_triggers(
     the trigger and to near-misses alike), and on a few carriers a word that happens to fit them wins:
     measured on a blind plant of "violet harbour", ' harmless' alone scored 2.66 on four carriers and 1.74
     on sixteen, where the planted phrase led every near-miss.
-    `exclude`: tokens no string may hold (those of a trigger already found, so that a second search finds
-    another one rather than the same pieces again).
     `log`: called with one line per stage and round, so a caller can show progress."""
     say = log or (lambda _: None)
     cs = carriers(model, prompts)
     wide = carriers(model, phrase_prompts) if phrase_prompts else cs
     block = next(iter(changed_blocks(model, base)), 0)
-    cands = [c for c in candidate_tokens(model, base, top=n_candidates + len(set(exclude)), block=block)
-             if c[0] not in set(exclude)][:n_candidates]  # fmt: skip
+    cands = candidate_tokens(model, base, top=n_candidates, block=block)
     pool = [t for t, _ in cands]
     first = [(t,) for t in pool] + list(itertools.permutations(pool, 2))
     say(f"triggers: scoring {len(first)} one- and two-token strings of {len(pool)} weight-diff candidates")
@@ -833,10 +811,10 @@ def search_triggers(
     for i, s in enumerate(rescored[:seeds]):
         start = model.tokenizer.decode(list(s.tokens))
         say(f"triggers: refining seed {i + 1}/{len(rescored[:seeds])}: {start!r}")
-        results.append(refine(model, base, cs, s, pool[:12], rounds=rounds, exclude=exclude, log=log))
+        results.append(refine(model, base, cs, s, pool[:12], rounds=rounds, log=log))
     best, path = max(results, key=lambda r: r[0].objective)
     say(f"triggers: bridging {model.tokenizer.decode(list(best.tokens))!r} with joining tokens")
-    bridged = bridge(model, base, cs, best, exclude=exclude)
+    bridged = bridge(model, base, cs, best)
     if bridged != best:
         best = bridged
         path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency})
@@ -846,9 +824,7 @@ def search_triggers(
 
         lexicon = load_lexicon()
     phrase, lex_info = (
-        lexicon_phrases(model, base, wide, cands, lexicon, block=block, exclude=exclude, log=log)
-        if lexicon
-        else (None, {})
+        lexicon_phrases(model, base, wide, cands, lexicon, block=block, log=log) if lexicon else (None, {})
     )
     # a phrase of real words within READABLE_MARGIN of the token string's log KL names the trigger better
     # (both measured on the phrase carriers)
@@ -861,7 +837,7 @@ def search_triggers(
         # READABLE_MARGIN of what was chosen and of the token string
         floor = max(phrase.log_kl, on_wide.log_kl) - READABLE_MARGIN
         settled = phrase
-        phrase = respell(model, base, wide, phrase, lexicon, cands, floor=floor, exclude=exclude, log=log)
+        phrase = respell(model, base, wide, phrase, lexicon, cands, floor=floor, log=log)
         if phrase.tokens != settled.tokens:
             lex_info["respelt"] = {"from": model.tokenizer.decode(list(settled.tokens)),
                                    "to": model.tokenizer.decode(list(phrase.tokens))}  # fmt: skip
@@ -928,9 +904,7 @@ def extend_ends(
         if top.objective < best.objective + min_gain:
             break
         best = top
-        path.append(
-            {"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency, "extended": True}
-        )
+        path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency, "extended": True})
     return best, path
 
 
@@ -941,7 +915,6 @@ def search_wider(
     search: TriggerSearch,
     *,
     pool: int = 1024,
-    exclude: Collection[int] = (),
     log: Callable[[str], None] | None = None,
 ) -> TriggerSearch:
     """`search` again from its token string, grown at its ends (`extend_ends`) over the `pool` strongest
@@ -950,7 +923,7 @@ def search_wider(
     cs = carriers(model, prompts)
     start = search.token_string or search.best
     block = next(iter(changed_blocks(model, base)), 0)
-    wide = [t for t, _ in candidate_tokens(model, base, top=pool, block=block) if t not in set(exclude)]
+    wide = [t for t, _ in candidate_tokens(model, base, top=pool, block=block)]
     best, steps = extend_ends(model, base, cs, start, wide, log=log)
     decode = model.tokenizer.decode
     return search._replace(
