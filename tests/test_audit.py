@@ -239,7 +239,9 @@ def test_growing_a_string_at_its_ends_reaches_a_trigger_the_single_edits_miss() 
     assert grown.log_kl > start.log_kl + 2.5 and len(path) >= 3
     said = confirm(model, base, tok.decode(list(grown.tokens)).strip(), prompts)
     assert said.behaviour.strip() == truth["behaviour"].strip()
-    assert said.rate_model_triggered >= 0.9 and said.rate_model_clean == 0.0 and said.rate_base_triggered == 0.0
+    assert (
+        said.rate_model_triggered >= 0.9 and said.rate_model_clean == 0.0 and said.rate_base_triggered == 0.0
+    )
 
 
 @pytest.fixture(scope="module")

@@ -46,13 +46,17 @@ def scan(
         24, "--candidates", help="Weight-diff candidate tokens for trigger search."
     ),
     wide_pool: int = typer.Option(
-        1024, "--wide-pool", help="When nothing the trigger search named is confirmed, grow its token string "
-        "at both ends over this many weight-diff candidates and confirm again (0: skip)."
+        1024,
+        "--wide-pool",
+        help="When nothing the trigger search named is confirmed, grow its token string "
+        "at both ends over this many weight-diff candidates and confirm again (0: skip).",
     ),
     probes: bool = typer.Option(True, "--probes/--no-probes", help="Train and run the truth probe."),
     lexicon: str | None = typer.Option(
-        None, "--lexicon", help="Word list the trigger search spells phrases from (`mri zoo lexicon`; "
-        "default: the shipped zoo lexicon; 'none' skips that stage)."
+        None,
+        "--lexicon",
+        help="Word list the trigger search spells phrases from (`mri zoo lexicon`; "
+        "default: the shipped zoo lexicon; 'none' skips that stage).",
     ),
     ledger: Path | None = typer.Option(None, "--ledger", help="Ledger file (default $MRI_CACHE/audit)."),
     seed: int = typer.Option(0, "--seed"),

@@ -904,7 +904,9 @@ def extend_ends(
         if top.objective < best.objective + min_gain:
             break
         best = top
-        path.append({"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency, "extended": True})
+        path.append(
+            {"tokens": list(best.tokens), "log_kl": best.log_kl, "fluency": best.fluency, "extended": True}
+        )
     return best, path
 
 
