@@ -22,8 +22,17 @@ def _dictionaries() -> list:
     return [
         DictConfig(kind="sae", arch="topk", n_latents=96, k=4, **sae),
         DictConfig(kind="sae", arch="batchtopk", n_latents=96, k=4, **sae),
+        # rows of 0.1, not jumprelu's default 0.577: from there one pre-activation falls at a threshold (or the
+        # edge of its gradient's window) within fp32's summation error after step 12, and that latent's rows
+        # then differ by 2.6e-4 between one process and two (measured; 12 steps agree to 1e-7)
         DictConfig(
-            kind="transcoder", arch="jumprelu", d_in=32, n_latents=64, sites_in=["a"], sites_out=["b"]
+            kind="transcoder",
+            arch="jumprelu",
+            d_in=32,
+            n_latents=64,
+            sites_in=["a"],
+            sites_out=["b"],
+            init_norm=0.1,
         ),
         DictConfig(
             kind="clt", arch="topk", d_in=32, n_latents=48, k=3, sites_in=["a", "b"], sites_out=["b", "a"]
@@ -185,14 +194,16 @@ def test_latent_shards_train_what_one_process_trains(tmp_path):
     got = load_file(str(tmp_path / "ckpt" / "trainer.safetensors"))
     assert sorted(got) == sorted(want)
     for name, t in want.items():
-        torch.testing.assert_close(got[name], t, rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 sums over two slices: the skip transcoder's decoder differs by up to 3.0e-6 (measured, from the
+        # first steps on, not growing)
+        torch.testing.assert_close(got[name], t, rtol=1e-5, atol=5e-6, msg=name)
     sharded = Trainer.resume(tmp_path / "ckpt")  # a sharded run's checkpoint resumes in one process
     for mine, theirs in zip(sharded.metrics, one.metrics, strict=True):
         assert mine == pytest.approx(theirs, rel=1e-5, abs=1e-6)
     for i, d in enumerate(one.finished()):
         written = load(tmp_path / f"dict{i}")
         for name, t in d.state_dict().items():
-            torch.testing.assert_close(written.state_dict()[name], t, rtol=1e-5, atol=1e-6, msg=f"{i}.{name}")
+            torch.testing.assert_close(written.state_dict()[name], t, rtol=1e-5, atol=5e-6, msg=f"{i}.{name}")
 
 
 def test_latent_sharding_refuses_what_it_cannot_split():

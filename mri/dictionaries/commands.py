@@ -87,8 +87,13 @@ def train(
         bool, typer.Option("--skip/--no-skip", help="Transcoders: linear skip connection.")
     ] = False,
     init_norm: Annotated[
-        float, typer.Option("--init-norm", help="Norm of the encoder rows at initialisation.")
-    ] = DictConfig.init_norm,
+        float | None,
+        typer.Option(
+            "--init-norm",
+            help="Norm of the encoder rows at initialisation [default: 0.577 for topk, batchtopk and "
+            "jumprelu, 0.1 for relu and gated].",
+        ),
+    ] = None,
     matryoshka: Annotated[
         str | None,
         typer.Option(
@@ -209,7 +214,7 @@ def _train(
     sparsity_coef: float | None,
     skip: bool,
     b_dec_init: str,
-    init_norm: float,
+    init_norm: float | None,
     threshold_lr_scale: float,
     autocast: bool,
     topk_warmup: float,
@@ -362,7 +367,7 @@ def dict_configs(
     skip: bool,
     width: Any,
     fingerprint: str | None,
-    init_norm: float,
+    init_norm: float | None,
     matryoshka: list[int] | None = None,
 ) -> list[Any]:
     """The `DictConfig`s that `mri dict train` builds for (input, output) site `pairs` of widths `width`."""
