@@ -9,7 +9,8 @@ the same activations with the same token budget, both measured by the same code.
    runs/quality/data/train.npy: every run of either library reads the same batches from it, in the same order.
 2. Training, each dictionary in a fresh subprocess, `torch.set_num_threads(--threads)`:
    - mri: `Trainer` (what `mri dict train` runs) with its default recipe: LR 5e-4 / sqrt(latents / 16384) with
-     warm-up and linear decay, encoder rows initialised at norm 0.1, inputs scaled to E||x||^2 = d, b_dec at the
+     warm-up and linear decay, encoder rows initialised at `INIT_NORMS` (0.577 for the TopK kinds and JumpReLU,
+     0.1 for relu and gated), inputs scaled to E||x||^2 = d, b_dec at the
      geometric median, sparsity-coefficient warm-up, AuxK for topk/batchtopk, JumpReLU log-thresholds at 30x the
      LR; saved in mri's format. mri's runs are retrained whenever mri/dictionaries' source changes.
    - SAELens (sae-lens 6, in bench/.venvs/sae-peers): `TopKTrainingSAE`, `BatchTopKTrainingSAE`,
@@ -65,7 +66,7 @@ LIBS = ("mri", "saelens")
 # 10: 0, every latent dead).
 GATED_SAELENS = [10.0, 40.0, 150.0]  # its L1 on unnormalised activations: 10 gives L0 313 here
 DEFAULT_SWEEPS = {
-    "topk": {"mri": [16, 32, 64], "saelens": [16, 32, 64]},
+    "topk": {"mri": [8, 16, 32, 64], "saelens": [8, 16, 32, 64]},
     "batchtopk": {"mri": [16, 32, 64], "saelens": [16, 32, 64]},
     "jumprelu": {"mri": [0.05, 0.1, 0.25, 0.5, 1.0, 2.0], "saelens": [2.0, 3.0, 4.0]},
     "relu": {"mri": [1.0, 2.0, 5.0], "saelens": [4.0, 10.0, 20.0]},

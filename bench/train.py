@@ -578,7 +578,7 @@ def report(args, speed, quality, loads, gemm, d_in=None, n_latents=None) -> str:
             f"(L0 {q['mri']['l0']:.1f}, {q['mri']['seconds']:.0f} s), SAELens {q['saelens']['fvu']:.4f} "
             f"(L0 {q['saelens']['l0']:.1f}, {q['saelens']['seconds']:.0f} s); "
             "each with its own default recipe (mri: LR 5e-4/sqrt(n/16384) with warm-up and decay, encoder "
-            "rows at norm 0.1, input normalisation, AuxK; SAELens: TopK defaults, Adam 3e-4 constant)"
+            "rows at norm 0.577, input normalisation, AuxK; SAELens: TopK defaults, Adam 3e-4 constant)"
         )
     elif args.quality_tokens == 0 and args.style == "gpu":
         body.append("- quality line skipped (speed only)")
