@@ -134,3 +134,27 @@ def tiny_model_dir(tmp_path_factory):
         return made[family]
 
     return get
+
+
+def mri_base_site_acts(site_name: str = "L2.resid_post", tokens: int = 49152, ctx: int = 128):
+    """(model, site, activations (rows, d_model)) of mri-base at `site_name` over the shipped corpus sample:
+    `tokens` tokens in contexts of `ctx`, each context's first (BOS) position left out."""
+    import mri
+    from mri.data.corpus import iter_contexts, iter_documents, sample_corpus
+
+    model = mri.load("mri-base")
+    site = model.resolve_site(site_name)
+    rows = []
+    for ids, _, _ in iter_contexts(iter_documents(sample_corpus()), model.tokenizer, ctx):
+        rows.append(torch.as_tensor(ids, dtype=torch.long))
+        if len(rows) * ctx >= tokens:
+            break
+    acts = torch.cat(
+        [
+            model.run(torch.stack(rows[i : i + 16]), read=[site], stop=True)
+            .cache[site][:, 1:]
+            .reshape(-1, model.d_model)
+            for i in range(0, len(rows), 16)
+        ]
+    ).float()
+    return model, site, acts

@@ -9,10 +9,10 @@ import re
 
 import pytest
 import torch
+from conftest import mri_base_site_acts
 from test_atlas_build import planted  # noqa: F401  (planted is a fixture)
 from typer.testing import CliRunner
 
-import mri
 from mri.atlas.commands import atlas_app
 from mri.atlas.crosslingual import (
     PassageActs,
@@ -28,7 +28,6 @@ from mri.data.aligned import (
     sample_passages,
     sample_path,
 )
-from mri.data.corpus import iter_contexts, iter_documents, sample_corpus
 from mri.dictionaries import DictConfig, TrainConfig, Trainer, build, save
 from mri.errors import MriError
 
@@ -149,21 +148,7 @@ def test_a_token_detector_is_cross_lingual_only_where_the_passage_is_aligned(pla
 
 def _mri_base_sae(folder, tokens: int = 49152, ctx: int = 128):
     """A TopK SAE (1024 latents, k 16) on mri-base's L2.resid_post, trained on the shipped corpus sample."""
-    model = mri.load("mri-base")
-    site = model.resolve_site("L2.resid_post")
-    rows = []
-    for ids, _, _ in iter_contexts(iter_documents(sample_corpus()), model.tokenizer, ctx):
-        rows.append(torch.as_tensor(ids, dtype=torch.long))
-        if len(rows) * ctx >= tokens:
-            break
-    acts = torch.cat(
-        [
-            model.run(torch.stack(rows[i : i + 16]), read=[site], stop=True)
-            .cache[site][:, 1:]
-            .reshape(-1, 256)
-            for i in range(0, len(rows), 16)
-        ]
-    ).float()
+    model, site, acts = mri_base_site_acts("L2.resid_post", tokens, ctx)
     cfg = DictConfig(kind="sae", arch="topk", d_in=256, n_latents=1024, k=16, sites_in=[site], sites_out=[site],
                      model_fingerprint=model.fingerprint())  # fmt: skip
     passes, batch = 6, 1024

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import mri_base_site_acts
 
 import mri
 from mri.dictionaries import DictConfig, TrainConfig, Trainer, build
@@ -633,24 +634,8 @@ def test_topk_at_small_k_keeps_its_latents_alive_from_the_default_rows():
     """mri-base L2 (130k tokens, 4 passes), 4,096 latents at k 8: from encoder rows of 0.1 the latents picked
     first outgrow the rest, which are never picked again (measured 58% dead held out, FVU 0.404); from the
     default 0.577 the choice turns on direction (16% dead, FVU 0.389; `INIT_NORMS`)."""
-    from mri.data.corpus import iter_contexts, iter_documents, sample_corpus
-
     torch.manual_seed(0)
-    model = mri.load("mri-base")
-    site = model.resolve_site("L2.resid_post")
-    rows = []
-    for ids, _, _ in iter_contexts(iter_documents(sample_corpus()), model.tokenizer, 128):
-        rows.append(torch.as_tensor(ids, dtype=torch.long))
-        if len(rows) * 128 >= 139_264:
-            break
-    acts = torch.cat(
-        [
-            model.run(torch.stack(rows[i : i + 16]), read=[site], stop=True)
-            .cache[site][:, 1:]
-            .reshape(-1, 256)
-            for i in range(0, len(rows), 16)
-        ]
-    ).float()
+    _, site, acts = mri_base_site_acts("L2.resid_post", tokens=139_264)
     held, acts = acts[:8192], acts[8192:]
     results = {}
     for norm in (0.1, None):
