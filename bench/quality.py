@@ -9,8 +9,8 @@ the same activations with the same token budget, both measured by the same code.
    runs/quality/data/train.npy: every run of either library reads the same batches from it, in the same order.
 2. Training, each dictionary in a fresh subprocess, `torch.set_num_threads(--threads)`:
    - mri: `Trainer` (what `mri dict train` runs) with its default recipe: LR 5e-4 / sqrt(latents / 16384) with
-     warm-up and linear decay, encoder rows initialised at `INIT_NORMS` (0.577 for the TopK kinds and JumpReLU,
-     0.1 for relu and gated), inputs scaled to E||x||^2 = d, b_dec at the
+     warm-up and linear decay, encoder rows initialised at `INIT_NORMS` (0.577 for the TopK kinds, 0.1 for
+     jumprelu, relu and gated), inputs scaled to E||x||^2 = d, b_dec at the
      geometric median, sparsity-coefficient warm-up, AuxK for topk/batchtopk, JumpReLU log-thresholds at 30x the
      LR; saved in mri's format. mri's runs are retrained whenever mri/dictionaries' source changes.
    - SAELens (sae-lens 6, in bench/.venvs/sae-peers): `TopKTrainingSAE`, `BatchTopKTrainingSAE`,

@@ -22,7 +22,7 @@ def _dictionaries() -> list:
     return [
         DictConfig(kind="sae", arch="topk", n_latents=96, k=4, **sae),
         DictConfig(kind="sae", arch="batchtopk", n_latents=96, k=4, **sae),
-        # rows of 0.1, not jumprelu's default 0.577: from there one pre-activation falls at a threshold (or the
+        # rows of 0.1 (jumprelu's default, pinned): from 0.577 one pre-activation falls at a threshold (or the
         # edge of its gradient's window) within fp32's summation error after step 12, and that latent's rows
         # then differ by 2.6e-4 between one process and two (measured; 12 steps agree to 1e-7)
         DictConfig(

@@ -109,7 +109,7 @@ def test_jumprelu_l0_follows_the_coefficient(one_thread):
 
 
 def test_initial_rows_have_the_arch_norm_and_thresholds_get_their_own_lr():
-    norms = {"topk": 0.577, "relu": 0.1, "jumprelu": 0.577}
+    norms = {"topk": 0.577, "relu": 0.1, "jumprelu": 0.1}
     for kind, arch in (("sae", "topk"), ("sae", "relu"), ("transcoder", "jumprelu"), ("clt", "relu")):
         sites = ["a", "b"] if kind == "clt" else ["a"]
         outs = ["c", "d"] if kind == "clt" else (["a"] if kind == "sae" else ["b"])

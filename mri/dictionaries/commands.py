@@ -90,8 +90,8 @@ def train(
         float | None,
         typer.Option(
             "--init-norm",
-            help="Norm of the encoder rows at initialisation [default: 0.577 for topk, batchtopk and "
-            "jumprelu, 0.1 for relu and gated].",
+            help="Norm of the encoder rows at initialisation [default: 0.577 for topk and batchtopk, 0.1 "
+            "for jumprelu, relu and gated].",
         ),
     ] = None,
     matryoshka: Annotated[

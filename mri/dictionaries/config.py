@@ -15,17 +15,17 @@ Gated (Rajamanoharan et al. 2024: a gate decides which latents fire, a magnitude
 KINDS = ("sae", "transcoder", "clt")
 """SAE: a site to itself. Transcoder: an input site to an output site. CLT: one encoder per layer, decoders
 from layer l to every layer >= l."""
-INIT_NORMS = {"topk": 0.577, "batchtopk": 0.577, "jumprelu": 0.577, "relu": 0.1, "gated": 0.1}
+INIT_NORMS = {"topk": 0.577, "batchtopk": 0.577, "jumprelu": 0.1, "relu": 0.1, "gated": 0.1}
 """Default norm of the encoder rows at initialisation, in normalised input units (E||x||^2 = d). TopK ranks
 pre-activations, so a row's norm counts as much as its direction, and Adam moves every row by about the same
 amount a step: from rows of 0.1, the latents picked first triple their norm within 100 steps and most others
 are never picked again (mri-base, k 8: 54% dead, which AuxK does not revive). From 0.577 (1/sqrt(3), the
 expected norm of torch's default Linear rows, where sparsify starts) those steps are small beside the rows
 and the choice turns on direction: k 8 0.2% dead and a 16% lower FVU after 2,000 steps, k 16 5% lower, k 32
-and 64 1% higher. JumpReLU selects by TopK in its warm-up: at its default coefficient 0.3% dead instead of
-3.9% and the same FVU at equal L0, but at L0 above ~200 a higher FVU (coefficient 0.1, 2,000 steps: 0.0114
-against 0.0074; pass 0.1 there). ReLU and Gated keep 0.1: ReLU's decoder rows start there too, and from rows of 1 its first
-reconstructions are far too large (docs/dictionaries.md "Initial norms")."""
+and 64 1% higher. JumpReLU, ReLU and Gated keep 0.1. JumpReLU (TopK in its warm-up) lost fewer latents
+from 0.577 but no FVU at equal L0, and at L0 above ~200 a higher one (coefficient 0.1, 2,000 steps: 0.0114
+against 0.0074). ReLU's decoder rows start there too, and from rows of 1 its first reconstructions are far
+too large (docs/dictionaries.md "Initial norms")."""
 FORMAT_VERSION = 1
 
 
@@ -58,7 +58,7 @@ class DictConfig:
     """JumpReLU's initial threshold, in normalised input units."""
     init_norm: float | None = None
     """Norm of each encoder row at initialisation, and of each decoder row where decoder norms are free
-    (relu); None: `INIT_NORMS[arch]`, 0.577 for topk, batchtopk and jumprelu, 0.1 for relu and gated."""
+    (relu); None: `INIT_NORMS[arch]`, 0.577 for topk and batchtopk, 0.1 for jumprelu, relu and gated."""
     matryoshka: list[int] | None = None
     """Nested prefix widths for Matryoshka training (SAEs and transcoders), strictly increasing and below
     n_latents, e.g. [256, 1024] for 4,096 latents: the loss is the mean of the FVUs of the reconstructions
