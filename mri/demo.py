@@ -221,7 +221,11 @@ def audit_stage(model: Model, sae_dir: Path, out: Path, console: Console) -> dic
         console.print(f"audit: no planted organism {variant!r} in the zoo; skipped")
         return None
     planted = load(variant)
-    config = AuditConfig(kl_texts=8, prompts=16, confirm_prompts=8, candidates=16, probes=False)
+    # a lighter read than `mri audit`'s defaults, one trigger search among them (`max_triggers`): a demo's
+    # audit stays within a minute or two; `mri audit` also searches for a second backdoor
+    config = AuditConfig(
+        kl_texts=8, prompts=16, confirm_prompts=8, candidates=16, probes=False, max_triggers=1
+    )
     sae = load_dictionary(sae_dir)
     inputs = {"dictionary": str(sae_dir.resolve()), "dictionary_fingerprint": dictionary_fingerprint(sae)}
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
