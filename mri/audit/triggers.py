@@ -102,8 +102,9 @@ def discounted(log_kl: torch.Tensor, said: torch.Tensor) -> torch.Tensor:
     of them next. A model holding two backdoors is pulled hardest by the one the first search found: every
     string that fires it scores high, and excluding its tokens instead failed both ways (session 17:
     pieces the second trigger shares were lost, and the first came back through pieces left over). A
-    string that makes the model say an avoided behaviour scores about log KL - 9; one that makes it say
-    something else keeps its score."""
+    string that makes the model say an avoided behaviour loses up to 9.2 (1 - P is floored at 1e-4;
+    mri-backdoor's trigger loses 5.6 on four carriers); one that makes it say something else keeps its
+    score."""
     return log_kl + (1 - said).clamp_min(1e-4).log()
 
 
