@@ -10,6 +10,7 @@
 #      1,000 and 256 prompt tokens; ids written ahead on the CPU, see bench/device/) -> $OUT/trace-gpu.md
 # Every step has a timeout; the whole script stays under about 5 minutes on an H100.
 #
+#   bash bench/device/wheels.sh                                          # here first: the peers' wheels into .whl/
 #   OUT=dir bash bench/device_check.sh                                   # on the GPU machine, with .whl carried
 #   OUT=/tmp/o DEVICE=cpu SIZES="64x2048" BATCH=256 WARMUP=1 STEPS=2 LIBS=mri bash bench/device_check.sh
 set -u
