@@ -6,7 +6,7 @@
 # versions the peer venv holds. gpu_train_bench.sh installs each wheel whose distribution the image lacks
 # into /tmp/site and skips the rest, so a wheel too many costs nothing.
 #
-#   bash bench/device/wheels.sh            # ~5 MB; then: run(command="OUT=$OUT bash bench/device_check.sh", carry=[".whl"])
+#   bash bench/device/wheels.sh            # 4.2 MB; then: run(command="OUT=$OUT bash bench/device_check.sh", carry=[".whl"])
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PACKAGES=(
@@ -18,8 +18,12 @@ PLATFORMS=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
     PLATFORMS+=(--platform "$p")
 done
-mkdir -p .whl
+# into a fresh folder, then renamed: a failed download leaves .whl/ as it was, and no second version of a
+# package (two stop the device's install) is left beside the new one
+tmp=$(mktemp -d .whl.XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${PLATFORMS[@]}" -d .whl "${PACKAGES[@]}"
+    "${PLATFORMS[@]}" -d "$tmp" "${PACKAGES[@]}" || { echo "wheels.sh: pip download failed (is PyPI reachable?); .whl/ unchanged" >&2; exit 1; }
+rm -rf .whl && mv "$tmp" .whl
 ls .whl
 du -sh .whl
